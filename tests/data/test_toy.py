@@ -1,0 +1,242 @@
+"""The toy world: determinism, content that matches the prompt, embeddings, the dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import schema, toy
+from pipeline.data.toy import ToyWorldConfig
+
+SMALL = ToyWorldConfig(num_train=40, num_heldout=12, shard_rows=16)
+
+
+def centre_of_mass(clip: torch.Tensor) -> torch.Tensor:
+    """(F, 2) centre (x, y) in pixels of the channel energy of each frame of an (F, C, H, W) clip."""
+    energy = clip.square().sum(1)  # (F, H, W)
+    ys = torch.arange(clip.shape[2], dtype=torch.float32) + 0.5
+    xs = torch.arange(clip.shape[3], dtype=torch.float32) + 0.5
+    total = energy.sum((1, 2))
+    return torch.stack([(energy.sum(1) * xs).sum(1) / total, (energy.sum(2) * ys).sum(1) / total], 1)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_default_config_values():
+    cfg = ToyWorldConfig()
+    assert (cfg.frames, cfg.channels, cfg.height, cfg.width) == (8, 4, 16, 16)
+    assert (cfg.num_train, cfg.num_heldout, cfg.seed) == (2048, 256, 0)
+    assert (cfg.embed_len, cfg.embed_dim, cfg.embed_seed, cfg.shard_rows) == (8, 32, 0, 512)
+
+
+@pytest.mark.parametrize("field, value", [("frames", 0), ("width", -1), ("seed", -1),
+                                          ("embed_len", 3), ("shard_rows", 1.5)])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"ToyWorldConfig.{field} must be"):
+        ToyWorldConfig(**{field: value})
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def test_render_is_deterministic_and_seed_dependent():
+    ids = np.arange(32)
+    a, prompts_a = toy.render_videos(SMALL, ids)
+    b, prompts_b = toy.render_videos(SMALL, ids)
+    assert torch.equal(a, b) and prompts_a == prompts_b
+    c, prompts_c = toy.render_videos(dataclasses.replace(SMALL, seed=1), ids)
+    assert not torch.equal(a, c) and prompts_a != prompts_c
+
+
+def test_clip_depends_only_on_its_sample_id():
+    batch, prompts = toy.render_videos(SMALL, np.arange(20))
+    clip, prompt = toy.render_video(SMALL, 13)
+    assert torch.equal(clip, batch[13]) and prompt == prompts[13]
+
+
+def test_shapes_and_value_ranges_of_the_default_world():
+    cfg = ToyWorldConfig()
+    latents, prompts = toy.render_videos(cfg, np.arange(cfg.num_train))
+    assert latents.shape == (2048, 8, 4, 16, 16) and latents.dtype == torch.float32
+    assert torch.isfinite(latents).all()
+    assert abs(latents.mean().item()) < 0.05
+    assert 0.9 < latents.std().item() < 1.1
+    per_channel = latents.transpose(0, 2).reshape(4, -1)
+    assert per_channel.mean(1).abs().max() < 0.05 and (per_channel.std(1) - 1).abs().max() < 0.15
+    bound = toy.SHAPE_GAIN * toy.colour_table(4).abs().max()
+    assert latents.abs().max() <= bound + 1e-5
+    assert set(prompts) == {toy.prompt_for(c, s, m) for c in toy.COLOURS for s in toy.SHAPES
+                            for m in toy.MOTIONS}
+
+
+def test_other_sizes_render():
+    cfg = ToyWorldConfig(frames=1, channels=6, height=8, width=24)
+    clip, _ = toy.render_video(cfg, 0)
+    assert clip.shape == (1, 6, 8, 24) and torch.isfinite(clip).all()
+
+
+@pytest.mark.parametrize("motion, axis, sign", [("left", 0, -1), ("right", 0, 1), ("up", 1, -1),
+                                                ("down", 1, 1), ("still", None, 0)])
+def test_shape_moves_the_way_the_prompt_says(motion, axis, sign):
+    cfg = ToyWorldConfig()
+    for sample_id in range(6):
+        shape = toy.SHAPES[sample_id % 4]
+        prompt = f"green {shape} " + ("standing still" if motion == "still" else f"moving {motion}")
+        clip, got = toy.render_video(cfg, sample_id, prompt=prompt)
+        assert got == prompt
+        steps = centre_of_mass(clip).diff(dim=0)  # (F - 1, 2) pixel steps per frame
+        if axis is None:
+            assert steps.abs().max() < 1e-4
+        else:
+            assert (sign * steps[:, axis] > 0.3).all(), (prompt, steps)
+            assert steps[:, 1 - axis].abs().max() < 0.1  # pixel sampling and frame-edge clipping
+            assert 0.3 * 16 < sign * (steps[:, axis].sum()) < 0.5 * 16  # 0.4 of the frame +-20 %
+
+
+def test_pixels_have_the_prompts_colour():
+    table = toy.colour_table(4)
+    for c, colour in enumerate(toy.COLOURS):
+        clip, _ = toy.render_video(SMALL, 3, prompt=f"{colour} circle moving up")
+        pixels = clip.permute(0, 2, 3, 1).reshape(-1, 4)
+        lit = pixels[pixels.norm(dim=1) > 0]
+        assert len(lit) > 0
+        direction = torch.nn.functional.normalize(lit, dim=1) @ torch.nn.functional.normalize(table[c], dim=0)
+        assert torch.allclose(direction, torch.ones(len(lit)), atol=1e-5)
+        peak = lit.norm(dim=1).max()
+        assert torch.isclose(peak, toy.SHAPE_GAIN * table[c].norm(), rtol=1e-5)
+
+
+def test_shapes_differ_and_edges_are_soft():
+    clips = [toy.render_video(SMALL, 0, prompt=f"red {s} standing still")[0] for s in toy.SHAPES]
+    for i in range(len(clips)):
+        for j in range(i + 1, len(clips)):
+            assert (clips[i] - clips[j]).abs().max() > 0.5
+    values = torch.cat([c[:, 0].flatten() for c in clips]) / (toy.SHAPE_GAIN * toy.colour_table(4)[0, 0])
+    partial = ((values > 0.02) & (values < 0.98)).sum()
+    assert partial > 0.1 * (values > 0.02).sum()  # a good share of lit pixels are on soft edges
+
+
+def test_colour_table_is_centred_and_distinct():
+    for channels in (2, 3, 4, 7):
+        table = toy.colour_table(channels)
+        assert table.shape == (4, channels)
+        assert torch.allclose(table.mean(0), torch.zeros(channels), atol=1e-6)
+        assert torch.allclose(table.square().mean(0), torch.ones(channels), atol=1e-5)
+        assert torch.cdist(table, table).add(100 * torch.eye(4)).min() > 0.5
+
+
+# --------------------------------------------------------------------------- prompts and embeddings
+
+
+def test_prompt_embeddings_are_word_vectors_padded_with_zeros():
+    cfg = ToyWorldConfig()
+    e = toy.embed_prompt("red square moving left", cfg)
+    assert e.shape == (8, 32) and e.dtype == torch.float32
+    assert (e[:4].norm(dim=1) > 1).all() and torch.equal(e[4:], torch.zeros(4, 32))
+    assert torch.equal(toy.embed_prompt("  Red SQUARE moving   left ", cfg), e)
+    other = toy.embed_prompt("red square moving right", cfg)
+    assert torch.equal(other[:3], e[:3]) and not torch.equal(other[3], e[3])
+    prompts = [toy.prompt_for(c, s, m) for c in toy.COLOURS for s in toy.SHAPES for m in toy.MOTIONS]
+    flat = toy.embed_prompts(prompts, cfg).flatten(1)
+    assert torch.cdist(flat, flat).add(100 * torch.eye(len(prompts))).min() > 1.0
+    assert not torch.equal(toy.embed_prompt("red square moving left",
+                                            dataclasses.replace(cfg, embed_seed=1)), e)
+
+
+def test_null_embedding_is_all_padding():
+    cfg = ToyWorldConfig()
+    assert torch.equal(toy.null_embed(cfg), torch.zeros(8, 32))
+    assert torch.equal(toy.embed_prompt("", cfg), toy.null_embed(cfg))
+
+
+def test_bad_prompts_are_rejected():
+    cfg = ToyWorldConfig()
+    with pytest.raises(ValueError, match=r"words \['purple'\] not in the toy vocabulary"):
+        toy.embed_prompt("purple square moving left", cfg)
+    with pytest.raises(ValueError, match="has 9 words, embed_len is 8"):
+        toy.embed_prompt("red " * 9, cfg)
+    with pytest.raises(ValueError, match="not a toy-world prompt"):
+        toy.render_video(cfg, 0, prompt="square red moving left")
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+def test_dataset_round_trip_and_contents(tmp_path):
+    folder = toy.make_toy_dataset(tmp_path / "toy", SMALL)
+    summary = schema.validate_dataset(folder)
+    assert summary["splits"]["train"]["rows"] == 40 and summary["splits"]["train"]["shards"] == 3
+    assert summary["splits"]["heldout"]["rows"] == 12
+    train = schema.read_split(folder, "train")
+    latents, prompts = toy.render_videos(SMALL, np.arange(40))
+    assert torch.equal(train.latents, latents) and train.prompts == prompts
+    assert torch.equal(train.prompt_embeds, toy.embed_prompts(prompts, SMALL))
+    assert torch.equal(train.sample_ids, torch.arange(40)) and set(train.sources) == {"toy"}
+    assert torch.equal(schema.read_null_embed(folder), toy.null_embed(SMALL))
+    meta = schema.read_meta(folder)
+    assert meta["generator"]["name"] == "toy" and meta["generator"]["seed"] == 0
+    assert meta["generator"]["config"] == dataclasses.asdict(SMALL)
+    assert meta["vocabulary"] == toy.vocabulary()
+
+
+def test_heldout_is_disjoint_from_train(tmp_path):
+    folder = toy.make_toy_dataset(tmp_path / "toy", SMALL)
+    train, heldout = schema.read_split(folder, "train"), schema.read_split(folder, "heldout")
+    assert set(heldout.sample_ids.tolist()) == set(range(40, 52))
+    distance = torch.cdist(heldout.latents.flatten(1), train.latents.flatten(1))
+    assert distance.min() > 1.0
+    words = set(toy.vocabulary()["words"])
+    assert all(set(p.split()) <= words for p in heldout.prompts)
+
+
+def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path):
+    a = toy.make_toy_dataset(tmp_path / "a", SMALL)
+    b = toy.make_toy_dataset(tmp_path / "b", SMALL)
+    c = toy.make_toy_dataset(tmp_path / "c", dataclasses.replace(SMALL, seed=5))
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) == 3 + 1 + 2  # train shards, heldout shard, null prompt, dataset.json
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    assert not torch.equal(schema.read_split(a, "train").latents, schema.read_split(c, "train").latents)
+
+
+def test_make_skips_when_current_and_rebuilds_otherwise(tmp_path, monkeypatch):
+    folder = toy.make_toy_dataset(tmp_path / "toy", SMALL)
+    calls = []
+    real_write = schema.write_dataset
+    monkeypatch.setattr(schema, "write_dataset", lambda *a, **k: calls.append(1) or real_write(*a, **k))
+    toy.make_toy_dataset(folder, SMALL)
+    assert calls == []
+    bigger = dataclasses.replace(SMALL, num_train=20, shard_rows=8)
+    toy.make_toy_dataset(folder, bigger)
+    assert calls == [1] and schema.read_meta(folder)["num_rows"]["train"] == 20
+    assert len(schema.shard_paths(folder, "train")) == 3
+    schema.shard_paths(folder, "train")[0].write_bytes(b"damaged")
+    toy.make_toy_dataset(folder, bigger)
+    assert calls == [1, 1]
+    schema.validate_dataset(folder)
+
+
+def test_default_dataset_builds_in_a_few_seconds(tmp_path):
+    start = time.perf_counter()
+    folder = toy.make_toy_dataset(tmp_path / "toy")
+    seconds = time.perf_counter() - start
+    summary = schema.validate_dataset(folder)
+    assert summary["splits"]["train"]["rows"] == 2048 and summary["splits"]["heldout"]["rows"] == 256
+    assert summary["latent_shape"] == [8, 4, 16, 16] and summary["embed_shape"] == [8, 32]
+    assert abs(summary["splits"]["train"]["latent_std"] - 1) < 0.1
+    assert seconds < 15, f"default toy dataset took {seconds:.1f} s"
+
+
+def test_data_package_imports_neither_ray_nor_mlflow():
+    code = ("import sys, pipeline.data, pipeline.data.schema, pipeline.data.toy; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
