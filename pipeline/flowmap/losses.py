@@ -123,8 +123,9 @@ def forward_flowmap_loss(u_fn, x: torch.Tensor, cond: torch.Tensor, null_cond: t
     # 4. per-sample weighted MSE, then rescale the r != t samples to the r = t mean
     per = per_sample_mse(pred, target.detach()) * t_weight(t, cfg.shift, cfg.weight_a, cfg.weight_b).to(pred.dtype)
     per = rescale_free_pairs(per, ~free, all_reduce)
-    figures = {"loss_diag": float(per[~free].mean()) if bool((~free).any()) else float("nan"),
-               "loss_free": float(per[free].mean()) if bool(free.any()) else float("nan")}
+    done = per.detach()
+    figures = {"loss_diag": float(done[~free].mean()) if bool((~free).any()) else float("nan"),
+               "loss_free": float(done[free].mean()) if bool(free.any()) else float("nan")}
     return per.mean(), figures
 
 

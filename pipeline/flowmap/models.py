@@ -29,7 +29,8 @@ from .schedule import TRAIN_UNITS
 SIZE_PRESETS: dict[str, dict] = {
     "tiny": dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2,
                  text_dim=16, freq_dim=32, in_channels=4, out_channels=4, rope_max_seq_len=64),
-    "toy": dict(num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=4,
+    # 16x16 toy frames in 4x4 patches: 128 tokens for 8 frames, ~0.1 s per training step on 2 cores
+    "toy": dict(num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=3, patch_size=(1, 4, 4),
                 text_dim=32, freq_dim=64, in_channels=4, out_channels=4, rope_max_seq_len=64),
     "wan2.1-1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
                         text_dim=4096, freq_dim=256, in_channels=16, out_channels=16),

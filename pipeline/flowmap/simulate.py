@@ -128,3 +128,25 @@ def backward_simulate(u_fn, noise: torch.Tensor, cond: torch.Tensor | None, num_
         with ctx:
             z = flow_map_jump(u_fn, z, t, r, cond)
     return z
+
+
+def consistency_backward_simulate(u_fn, noise: torch.Tensor, cond: torch.Tensor | None, num_steps: int, k: int,
+                                  shift_k: float, renoise: torch.Tensor, grad: bool = True) -> torch.Tensor:
+    """The consistency baseline's on-policy rollout (DMD2/rCM style backward simulation).
+
+    k steps of consistency sampling without gradient (jump to 0, re-noise to the next grid
+    level with `renoise[i]`), then the endpoint jump `s_k -> 0`, with gradient if `grad`.
+    """
+    _check_batch(noise, cond)
+    if not 0 <= k < num_steps:
+        raise ValueError(f"backward simulation needs 0 <= k < N, got k={k}, N={num_steps}")
+    if k > 0 and renoise.shape[0] < k:
+        raise ValueError(f"consistency rollout to k={k} needs {k} re-noising draws, got {renoise.shape[0]}")
+    s = grid(num_steps, shift_k)
+    z = noise
+    with torch.no_grad():
+        for i in range(k):
+            x0 = flow_map_jump(u_fn, z, s[i], 0.0, cond)
+            z = (1 - float(s[i + 1])) * x0 + float(s[i + 1]) * renoise[i].to(z)
+    with nullcontext() if grad else torch.no_grad():
+        return flow_map_jump(u_fn, z, s[k], 0.0, cond)

@@ -1,0 +1,388 @@
+"""One typed config tree: nested dataclasses, YAML presets, generic dotted overrides.
+
+    python -m pipeline.run [--config FILE] [dotted.key=value ...]
+
+Every field has a docstring (the `--help` text). Values from YAML or the command line are
+checked against the field's type; an unknown key or a bad value raises `ConfigError`
+naming the key, which the entry point turns into a one-line error and exit status 2.
+Derived sizes are computed once, in `Config.validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.data.toy import ToyWorldConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A bad config key or value (reported as one line, exit status 2)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "toy"
+    """run name: outputs go to <output_dir>/<name>/; running again with the same name resumes"""
+    output_dir: str = "runs"
+    """folder that holds one sub-folder per run"""
+    seed: int = 0
+    """seed of every random draw in the run"""
+    stages: list[str] = field(default_factory=lambda: ["teacher", "stage1", "stage2", "consistency", "eval", "export"])
+    """stages to run, in order, from: teacher, stage1, stage2, consistency, eval, export"""
+    threads: int = 0
+    """torch CPU threads in the driver process (0: leave torch's default)"""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """dataset folder in the project's Parquet schema; empty: the toy world, made under <output_dir>/data"""
+    toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    """the toy world (used when `path` is empty)"""
+    cond_dropout: float = 0.1
+    """fraction of prompts replaced by the null prompt in stage 0/1 batches (for guidance)"""
+
+
+@dataclass
+class ModelConfig:
+    size: str = "toy"
+    """architecture preset: tiny, toy, wan2.1-1.3b, wan2.1-14b"""
+    teacher_path: str = ""
+    """diffusers folder of a WanTransformer3DModel teacher; empty: train one in stage 0"""
+    shift: float = 3.0
+    """timestep shift k applied to every sampled or gridded noise level (Wan uses 5)"""
+    init_seed: int = 0
+    """seed of the teacher's random initialisation (stage 0)"""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """AdamW learning rate"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.95
+    """AdamW beta2"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup: int = 50
+    """linear warm-up steps"""
+    grad_clip: float = 1.0
+    """gradient-norm clip (0: off)"""
+    ema: float = 0.99
+    """EMA decay of the weights kept for sampling (0: no EMA)"""
+    ema_start: int = 0
+    """step from which the EMA is updated (copied before)"""
+
+
+@dataclass
+class TeacherConfig:
+    steps: int = 1200
+    """stage-0 optimiser steps (flow matching of the teacher from scratch)"""
+    batch_size: int = 32
+    """global batch"""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup=100, ema=0.995, ema_start=200))
+    """optimiser"""
+
+
+@dataclass
+class Stage1Config:
+    steps: int = 600
+    """forward flow-map training steps"""
+    batch_size: int = 32
+    """global batch"""
+    guidance: float = 2.0
+    """guidance scale w fused into the student (the student then samples at CFG 1)"""
+    fd_step: float = 0.005
+    """central-difference step d of dU/dt, in s units"""
+    diffusion_fraction: float = 0.5
+    """fraction of each batch with r = t"""
+    endpoint_fraction: float = 0.25
+    """fraction of each batch with r = 0"""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup=50, ema=0.99, ema_start=100))
+    """optimiser"""
+
+
+@dataclass
+class Stage2Config:
+    steps: int = 200
+    """on-policy generator steps (one critic step each)"""
+    batch_size: int = 16
+    """global batch of rollouts per generator step"""
+    num_steps_choices: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    """N is drawn uniformly from this list each step (reference {2, 4, 8, 16, 50})"""
+    grad_calls: list[str] = field(default_factory=lambda: ["shortcut_in", "real_step", "shortcut_out"])
+    """backward-simulation calls that carry gradient (a suffix of shortcut_in, real_step, shortcut_out)"""
+    real_guidance: float = 2.0
+    """guidance g_r of the teacher's clean estimate in DMD"""
+    dmd_min_s: float = 0.02
+    """lower clamp of the DMD noise level"""
+    dmd_max_s: float = 0.98
+    """upper clamp of the DMD noise level"""
+    dmd_weight: float = 1.0
+    """weight of the DMD loss"""
+    cotrain_weight: float = 1.0
+    """weight of the stage-1 loss on a real-data batch added each step (0: off)"""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, beta1=0.0, beta2=0.999, warmup=0,
+                                                                    ema=0.95, ema_start=20))
+    """student optimiser"""
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, beta1=0.0, beta2=0.999,
+                                                                           warmup=0, ema=0.0))
+    """critic optimiser"""
+
+
+@dataclass
+class EvalConfig:
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    """sampling step counts evaluated"""
+    num_samples: int = 256
+    """videos generated per model and step count (prompts from the held-out split)"""
+    ode_ref_steps: int = 256
+    """Euler steps of the teacher's high-accuracy ODE solution that ode_error compares to"""
+    teacher_guidance: float = 2.0
+    """CFG scale of the teacher when sampled (match stage1.guidance)"""
+    batch_size: int = 64
+    """generation batch"""
+    video_prompts: int = 4
+    """sample videos written per model (at 1, 4 and 32 steps)"""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """the run: name, outputs, seed, stages"""
+    data: DataConfig = field(default_factory=DataConfig)
+    """the dataset"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """networks and noise schedule"""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """stage 0: teacher flow matching"""
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    """stage 1: forward flow-map training"""
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    """stage 2: on-policy flow-map distillation"""
+    consistency: Stage2Config = field(default_factory=lambda: Stage2Config(num_steps_choices=[1, 2, 4]))
+    """the consistency baseline (endpoint-only student, consistency sampling); same fields as stage2"""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """evaluation"""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def validate(self) -> "Config":
+        """Check values across fields; raise ConfigError naming the key and what to set."""
+        _validate(self)
+        return self
+
+
+STAGES = ("teacher", "stage1", "stage2", "consistency", "eval", "export")
+GRAD_CALLS = ("shortcut_in", "real_step", "shortcut_out")
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _validate(cfg: Config) -> None:
+    from pipeline.flowmap.models import SIZE_PRESETS
+    from pipeline.flowmap.simulate import GradCalls
+
+    _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty name without '/'")
+    for s in cfg.run.stages:
+        _require(s in STAGES, "run.stages", f"unknown stage {s!r}; choose from {list(STAGES)}")
+    _require(cfg.run.threads >= 0, "run.threads", "must be >= 0")
+    _require(0 <= cfg.data.cond_dropout < 1, "data.cond_dropout", "must be in [0, 1)")
+    _require(cfg.model.size in SIZE_PRESETS, "model.size", f"unknown size; choose from {sorted(SIZE_PRESETS)}")
+    _require(cfg.model.shift > 0, "model.shift", "must be > 0")
+    for name in ("teacher", "stage1", "stage2", "consistency"):
+        sec = getattr(cfg, name)
+        _require(sec.steps >= 0, f"{name}.steps", "must be >= 0")
+        _require(sec.batch_size >= 1, f"{name}.batch_size", "must be >= 1")
+        for oname in ("optim", "critic_optim"):
+            if hasattr(sec, oname):
+                _check_optim(getattr(sec, oname), f"{name}.{oname}")
+    s1 = cfg.stage1
+    _require(s1.guidance >= 1, "stage1.guidance", "must be >= 1 (1 disables guidance fusion)")
+    _require(0 < s1.fd_step < 0.1, "stage1.fd_step", "must be in (0, 0.1)")
+    _require(s1.diffusion_fraction >= 0 and s1.endpoint_fraction >= 0
+             and s1.diffusion_fraction + s1.endpoint_fraction <= 1,
+             "stage1.diffusion_fraction", "diffusion_fraction and endpoint_fraction must be >= 0 and sum to <= 1")
+    for name in ("stage2", "consistency"):
+        sec = getattr(cfg, name)
+        _require(len(sec.num_steps_choices) > 0 and all(n >= 1 for n in sec.num_steps_choices),
+                 f"{name}.num_steps_choices", "must be a non-empty list of step counts >= 1")
+        _require(all(c in GRAD_CALLS for c in sec.grad_calls), f"{name}.grad_calls",
+                 f"entries must be among {list(GRAD_CALLS)}")
+        try:
+            GradCalls(**{c: c in sec.grad_calls for c in GRAD_CALLS})
+        except ValueError as exc:
+            raise ConfigError(f"{name}.grad_calls: {exc}") from None
+        _require(0 <= sec.dmd_min_s < sec.dmd_max_s <= 1, f"{name}.dmd_min_s", "need 0 <= dmd_min_s < dmd_max_s <= 1")
+        _require(sec.real_guidance >= 0, f"{name}.real_guidance", "must be >= 0")
+    _require(len(cfg.eval.steps) > 0 and all(n >= 1 for n in cfg.eval.steps), "eval.steps",
+             "must be a non-empty list of step counts >= 1")
+    _require(cfg.eval.num_samples >= 2, "eval.num_samples", "must be >= 2 (Frechet distance needs a covariance)")
+    _require(cfg.eval.ode_ref_steps >= 1, "eval.ode_ref_steps", "must be >= 1")
+    _require(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+def _check_optim(o: OptimConfig, key: str) -> None:
+    _require(o.lr > 0, f"{key}.lr", "must be > 0")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"{key}.beta1", "betas must be in [0, 1)")
+    _require(o.warmup >= 0 and o.ema_start >= 0, f"{key}.warmup", "warmup and ema_start must be >= 0")
+    _require(0 <= o.ema < 1, f"{key}.ema", "must be in [0, 1)")
+    _require(o.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0")
+
+
+# ----------------------------------------------------------------------------- building from dicts
+
+
+def _coerce(value, tp, key: str):
+    """Check (and gently convert) a YAML value to a field type; ConfigError otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        return _coerce(value, tp, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _from_dict(cls, data: dict, prefix: str = "", base=None):
+    """`cls` with the fields in `data` replaced (checked) and the rest taken from `base`."""
+    base = cls() if base is None else base
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {name: getattr(base, name) for name in names}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{key}: unknown key; valid keys here: {sorted(names)}")
+        if dataclasses.is_dataclass(hints[k]):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping of fields, got {v!r}")
+            values[k] = _from_dict(hints[k], v, key, getattr(base, k))
+        else:
+            values[k] = _coerce(v, hints[k], key)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:  # a nested dataclass's own __post_init__ check
+        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`a.b.c=value` with value parsed as YAML (numbers, lists, booleans; else a string)."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"{text}: overrides look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(config_file: str | None = None, overrides: list[str] = ()) -> Config:
+    """The resolved config: defaults, then the YAML file (or preset name), then dotted overrides."""
+    tree: dict = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file() and (PRESET_DIR / f"{config_file}.yaml").is_file():
+            path = PRESET_DIR / f"{config_file}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"--config {config_file}: no such file (or preset in {PRESET_DIR})")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path}: the top level must be a mapping")
+    over: dict = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(over, key, value)
+    return _from_dict(Config, _merge(tree, over)).validate()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def field_help(cls=Config, prefix: str = "") -> list[tuple[str, str, object]]:
+    """(dotted key, docstring, default) for every leaf field, read from the source docstrings."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for klass in cls.__mro__:
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs.setdefault(a.target.id, str(b.value.value))
+    out = []
+    base = cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(field_help(hints[f.name], key + "."))
+        else:
+            out.append((key, docs.get(f.name, ""), getattr(base, f.name)))
+    return out

@@ -1,0 +1,92 @@
+"""Metric names (one namespace, one place) and the run's metric log.
+
+Every per-step figure goes to `<run_dir>/metrics.jsonl` (one JSON object per line:
+stage, step, time, figures) and, throttled, to the console as progress with a rate and
+an ETA. MLflow tracking reads the same records (pipeline/tracking.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+# losses
+LOSS_TEACHER = "loss/teacher"
+LOSS_STAGE1 = "loss/stage1"
+LOSS_STUDENT = "loss/student"
+LOSS_DMD = "loss/dmd"
+LOSS_COTRAIN = "loss/cotrain"
+LOSS_CRITIC = "loss/critic"
+# pipeline figures (Ray)
+LAG_MEAN = "rollout/lag_mean"
+LAG_MAX = "rollout/lag_max"
+BUFFER_DEPTH = "buffer/depth"
+ROLLOUT_SECONDS = "rollout/seconds"
+LEARNER_SECONDS = "learner/seconds"
+SYNC_SECONDS = "sync/seconds"
+STEP_SECONDS = "time/step_seconds"
+
+_PROGRESS_KEYS = (LOSS_TEACHER, LOSS_STAGE1, LOSS_STUDENT, LOSS_DMD, LOSS_CRITIC, LAG_MAX, BUFFER_DEPTH)
+
+
+class MetricsLog:
+    """Append-only JSONL log of per-step figures with console progress.
+
+    `totals` maps a stage to its number of steps (for the ETA); progress lines are
+    printed at most every `every_s` seconds and at the last step of a stage.
+    """
+
+    def __init__(self, path: str | Path | None, totals: dict[str, int] | None = None, every_s: float = 10.0,
+                 stream=sys.stdout):
+        self.path = Path(path) if path else None
+        self.totals = totals or {}
+        self.every_s, self.stream = every_s, stream
+        self._started: dict[str, float] = {}
+        self._last_print = 0.0
+        self.records: list[dict] = []
+        self._file = open(self.path, "a") if self.path else None
+
+    def __call__(self, stage: str, step: int, figures: dict) -> None:
+        now = time.time()
+        self._started.setdefault(stage, now)
+        rec = {"stage": stage, "step": step, "time": now,
+               **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in figures.items()}}
+        self.records.append(rec)
+        if self._file:
+            self._file.write(json.dumps(rec, allow_nan=True) + "\n")
+            self._file.flush()
+        total = self.totals.get(stage)
+        last = total is not None and step + 1 >= total
+        if last or now - self._last_print >= self.every_s or step == 0:
+            self._last_print = now
+            self.stream.write(self._line(stage, step, total, figures, now) + "\n")
+            self.stream.flush()
+
+    def _line(self, stage, step, total, figures, now) -> str:
+        done = step + 1
+        elapsed = now - self._started[stage]
+        rate = done / elapsed if elapsed > 0 else float("nan")
+        head = f"[{stage}] step {done}" + (f"/{total}" if total else "")
+        if total and rate > 0 and math.isfinite(rate):
+            head += f"  {rate:.2f} it/s  eta {max(total - done, 0) / rate:.0f}s"
+        shown = [f"{k.split('/')[-1]}={figures[k]:.4g}" for k in _PROGRESS_KEYS if k in figures]
+        return head + ("  " + " ".join(shown) if shown else "")
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file (a torn last line, from a crash, is skipped)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

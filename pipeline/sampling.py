@@ -1,0 +1,122 @@
+"""Quality against sampling steps for the run's models, and the export of the student.
+
+Turns trained networks into samplers (teacher: guided Euler; flow-map students: the any-step
+sampler; consistency baseline: consistency sampling), generates from fixed noise and held-out
+prompts, and scores with `pipeline.evaluate` (ode_error against the teacher's high-accuracy ODE
+solution from the same noise, Frechet distance in the fixed feature space).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AnyFlowTransformer3DModel, AutoencoderKLWan, FlowMapEulerDiscreteScheduler
+
+from pipeline import evaluate
+from pipeline.config import Config
+from pipeline.data.schema import LatentDataset
+from pipeline.flowmap import draws
+from pipeline.flowmap.models import GuidedFn, StudentFn, VelocityFn
+from pipeline.flowmap.simulate import anystep_sample, consistency_sample, euler_sample
+
+VIDEO_STEPS = (1, 4, 32)
+
+
+def _batched(fn, noise: torch.Tensor, cond: torch.Tensor, batch: int) -> torch.Tensor:
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(noise), batch):
+            outs.append(fn(noise[i:i + batch], cond[i:i + batch]))
+    return torch.cat(outs)
+
+
+def samplers(cfg: Config, nets: dict[str, torch.nn.Module], null_embed: torch.Tensor) -> dict:
+    """name -> sample(noise, cond, num_steps) for the networks present in `nets`."""
+    k = cfg.model.shift
+    out = {}
+    if "teacher" in nets:
+        guided = GuidedFn(VelocityFn(nets["teacher"].eval()), null_embed, cfg.eval.teacher_guidance)
+        out["teacher"] = lambda z, c, n: euler_sample(guided, z, c, n, k)
+    for name in ("student_stage1", "student"):
+        if name in nets:
+            fn = StudentFn(nets[name].eval())
+            out[name] = (lambda f: lambda z, c, n: anystep_sample(f, z, c, n, k))(fn)
+    if "consistency" in nets:
+        fn = StudentFn(nets["consistency"].eval())
+
+        def sample_consistency(z, c, n, _fn=fn):
+            gen = draws.generator(cfg.run.seed, "eval", n, stream=7)
+            return consistency_sample(_fn, z, c, n, k, gen)
+        out["consistency"] = sample_consistency
+    return out
+
+
+def evaluate_run(cfg: Config, nets: dict[str, torch.nn.Module], heldout: LatentDataset,
+                 null_embed: torch.Tensor, run_dir: Path, log=print) -> dict:
+    """Every model at every step count: eval.json, eval.png and sample GIFs in `run_dir`."""
+    e = cfg.eval
+    n = min(e.num_samples, len(heldout))
+    cond = heldout.prompt_embeds[:n]
+    noise = torch.randn((n, *heldout.latents.shape[1:]), generator=draws.generator(cfg.run.seed, "eval", 0))
+    null = null_embed[None] if null_embed.ndim == 2 else null_embed
+    fns = samplers(cfg, nets, null)
+    t0 = time.time()
+    ref_fn = samplers(cfg, {"teacher": nets["teacher"]}, null)["teacher"]
+    ref = _batched(lambda z, c: ref_fn(z, c, e.ode_ref_steps), noise, cond, e.batch_size)
+    log(f"[eval] teacher ODE reference ({e.ode_ref_steps} Euler steps) in {time.time() - t0:.0f}s")
+    data_feats = evaluate.video_features(heldout.latents[:n])
+    metrics: dict[str, dict[str, list[float]]] = {}
+    videos: dict[str, torch.Tensor] = {}
+    for name, fn in fns.items():
+        t0 = time.time()
+        m = metrics.setdefault(name, {"ode_error": [], "fd": []})
+        for steps in e.steps:
+            x = _batched(lambda z, c: fn(z, c, steps), noise, cond, e.batch_size)
+            m["ode_error"].append(evaluate.ode_error(x, ref))
+            m["fd"].append(evaluate.frechet_distance(evaluate.video_features(x), data_feats))
+            if steps in VIDEO_STEPS and e.video_prompts > 0:
+                videos[f"{name}_steps{steps}"] = x[:e.video_prompts]
+        log(f"[eval] {name}: {sum(e.steps)} calls per sample in {time.time() - t0:.0f}s")
+    result = evaluate.eval_json(list(e.steps), metrics)
+    evaluate.write_eval(run_dir, result)
+    if videos:
+        videos["data"] = heldout.latents[:e.video_prompts]
+        evaluate.write_videos(run_dir / "videos", videos, heldout.prompts[:e.video_prompts])
+    return result
+
+
+def toy_vae(latent_channels: int) -> AutoencoderKLWan:
+    """A small, shape-compatible Wan VAE for toy latents (z_dim = latent channels, identity
+    normalisation). The toy world's latents are its videos, so `output_type="latent"` is
+    the meaningful output; this VAE exists so the standard pipeline folder loads and runs."""
+    return AutoencoderKLWan(base_dim=8, z_dim=latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            latents_mean=[0.0] * latent_channels, latents_std=[1.0] * latent_channels)
+
+
+def export_student(cfg: Config, student: AnyFlowTransformer3DModel, folder: Path,
+                   vae: AutoencoderKLWan | None = None) -> Path:
+    """Write `folder` as a diffusers AnyFlowPipeline folder (transformer, scheduler, VAE, no
+    text encoder); `AnyFlowPipeline.from_pretrained(folder, tokenizer=None, text_encoder=None)`
+    loads it and `AnyFlowTransformer3DModel.from_pretrained(folder, subfolder="transformer")`
+    loads the student alone."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(folder / "transformer", safe_serialization=True)
+    FlowMapEulerDiscreteScheduler(shift=cfg.model.shift).save_pretrained(folder / "scheduler")
+    (vae or toy_vae(student.config.in_channels)).save_pretrained(folder / "vae", safe_serialization=True)
+    index = {"_class_name": "AnyFlowPipeline", "_diffusers_version": _diffusers_version(),
+             "scheduler": ["diffusers", "FlowMapEulerDiscreteScheduler"],
+             "text_encoder": [None, None], "tokenizer": [None, None],
+             "transformer": ["diffusers", "AnyFlowTransformer3DModel"],
+             "vae": ["diffusers", "AutoencoderKLWan"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
