@@ -156,6 +156,38 @@ class EvalConfig:
 
 
 @dataclass
+class RayConfig:
+    backend: str = "reference"
+    """where stage 2 and the consistency baseline train: "reference" (one process) or "ray" (actors + learners)"""
+    address: str = ""
+    """Ray cluster to join ("auto", "ray://host:10001", host:port); empty: start a local Ray in this process"""
+    rollout_actors: int = 1
+    """student rollout actors (backward simulation without gradient); steps go to them round-robin"""
+    scorer_actors: int = 1
+    """scorer actors (frozen teacher + critic snapshot: the DMD target); steps go to them round-robin"""
+    learners: int = 1
+    """data-parallel Ray Train workers (DeepSpeed); the global batch is split evenly between them"""
+    rollout_cpus: float = 1.0
+    """CPUs reserved per rollout actor (fractional allowed)"""
+    scorer_cpus: float = 1.0
+    """CPUs reserved per scorer actor (fractional allowed)"""
+    learner_cpus: float = 1.0
+    """CPUs reserved per learner worker (fractional allowed)"""
+    rollout_gpus: float = 0.0
+    """GPUs per rollout actor (fractional allowed; > 0 runs the student on CUDA)"""
+    scorer_gpus: float = 0.0
+    """GPUs per scorer actor (fractional allowed; > 0 runs teacher and critic on CUDA)"""
+    learner_gpus: float = 0.0
+    """GPUs per learner worker (> 0: CUDA and NCCL; 0: CPU, gloo and DS_ACCELERATOR=cpu)"""
+    max_policy_lag: int = 0
+    """bound on (learner version - student version of a rollout); 0 reproduces the reference step for step"""
+    buffer_capacity: int = 2
+    """steps of rollouts the replay buffer may hold; rollouts wait (never dropped) when it is full"""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage of the learners: 2 (shard optimiser state and gradients) or 3 (also parameters)"""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """the run: name, outputs, seed, stages"""
@@ -173,6 +205,8 @@ class Config:
     """the consistency baseline (endpoint-only student, consistency sampling); same fields as stage2"""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """evaluation"""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """the distributed on-policy stage: pools, their resources, policy lag, buffer, DeepSpeed"""
 
     @property
     def run_dir(self) -> Path:
@@ -234,6 +268,27 @@ def _validate(cfg: Config) -> None:
     _require(cfg.eval.num_samples >= 2, "eval.num_samples", "must be >= 2 (Frechet distance needs a covariance)")
     _require(cfg.eval.ode_ref_steps >= 1, "eval.ode_ref_steps", "must be >= 1")
     _require(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check_ray(cfg)
+
+
+def _check_ray(cfg: Config) -> None:
+    r = cfg.ray
+    _require(r.backend in ("ray", "reference"), "ray.backend", 'choose "ray" or "reference"')
+    for name in ("rollout_actors", "scorer_actors", "learners"):
+        _require(getattr(r, name) >= 1, f"ray.{name}", "must be >= 1 (each pool needs at least one member)")
+    for pool in ("rollout", "scorer", "learner"):
+        cpus, gpus = getattr(r, f"{pool}_cpus"), getattr(r, f"{pool}_gpus")
+        _require(cpus >= 0 and gpus >= 0, f"ray.{pool}_cpus", "CPUs and GPUs per member must be >= 0")
+        _require(cpus > 0 or gpus > 0, f"ray.{pool}_cpus", f"set ray.{pool}_cpus or ray.{pool}_gpus above 0")
+    _require(r.learner_gpus <= 1, "ray.learner_gpus", "a learner drives one device: at most 1 GPU (add learners instead)")
+    _require(r.max_policy_lag >= 0, "ray.max_policy_lag", "must be >= 0 (0: strictly on-policy)")
+    _require(r.buffer_capacity >= 1, "ray.buffer_capacity", "must be >= 1 step of rollouts")
+    _require(r.zero_stage in (2, 3), "ray.zero_stage", "DeepSpeed ZeRO stage must be 2 or 3")
+    if r.backend == "ray":
+        for name in ("stage2", "consistency"):
+            b = getattr(cfg, name).batch_size
+            _require(b % r.learners == 0, f"{name}.batch_size",
+                     f"{b} rows do not split evenly over ray.learners={r.learners}; use a multiple of it")
 
 
 def _check_optim(o: OptimConfig, key: str) -> None:
