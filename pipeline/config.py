@@ -145,8 +145,8 @@ class EvalConfig:
     """sampling step counts evaluated"""
     num_samples: int = 256
     """videos generated per model and step count (prompts from the held-out split)"""
-    ode_ref_steps: int = 256
-    """Euler steps of the teacher's high-accuracy ODE solution that ode_error compares to"""
+    ode_ref_steps: int = 64
+    """Heun steps (2N guided teacher calls) of the high-accuracy ODE solution that ode_error compares to"""
     teacher_guidance: float = 2.0
     """CFG scale of the teacher when sampled (match stage1.guidance)"""
     batch_size: int = 64

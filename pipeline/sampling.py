@@ -20,7 +20,7 @@ from pipeline.config import Config
 from pipeline.data.schema import LatentDataset
 from pipeline.flowmap import draws
 from pipeline.flowmap.models import GuidedFn, StudentFn, VelocityFn
-from pipeline.flowmap.simulate import anystep_sample, consistency_sample, euler_sample
+from pipeline.flowmap.simulate import anystep_sample, consistency_sample, euler_sample, heun_sample
 
 VIDEO_STEPS = (1, 4, 32)
 
@@ -64,9 +64,10 @@ def evaluate_run(cfg: Config, nets: dict[str, torch.nn.Module], heldout: LatentD
     null = null_embed[None] if null_embed.ndim == 2 else null_embed
     fns = samplers(cfg, nets, null)
     t0 = time.time()
-    ref_fn = samplers(cfg, {"teacher": nets["teacher"]}, null)["teacher"]
-    ref = _batched(lambda z, c: ref_fn(z, c, e.ode_ref_steps), noise, cond, e.batch_size)
-    log(f"[eval] teacher ODE reference ({e.ode_ref_steps} Euler steps) in {time.time() - t0:.0f}s")
+    guided = GuidedFn(VelocityFn(nets["teacher"].eval()), null, e.teacher_guidance)
+    ref = _batched(lambda z, c: heun_sample(guided, z, c, e.ode_ref_steps, cfg.model.shift), noise, cond,
+                   e.batch_size)
+    log(f"[eval] teacher ODE reference ({e.ode_ref_steps} Heun steps) in {time.time() - t0:.0f}s")
     data_feats = evaluate.video_features(heldout.latents[:n])
     metrics: dict[str, dict[str, list[float]]] = {}
     videos: dict[str, torch.Tensor] = {}

@@ -20,4 +20,4 @@ def test_flowmap_and_data_import_without_ray_mlflow_deepspeed():
 
 def test_the_block_really_blocks():
     proc = _run("import ray")
-    assert proc.returncode != 0 and "ImportError" in proc.stderr
+    assert proc.returncode != 0 and "import of ray halted" in proc.stderr

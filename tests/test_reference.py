@@ -12,15 +12,15 @@ from pipeline.data.schema import read_null_embed, read_split
 from pipeline.evaluate import read_eval
 from pipeline.metrics import read_metrics
 from pipeline.stages import prepare_data, run_stages
-from pipeline.flowmap import models
-from pipeline.flowmap.models import StudentFn
+from pipeline.flowmap import draws, losses, models
+from pipeline.flowmap.models import StudentFn, VelocityFn
 from pipeline.flowmap.simulate import anystep_sample
 
 TINY = [
     "model.size=tiny", "model.shift=3.0",
     "data.toy.frames=4", "data.toy.height=8", "data.toy.width=8", "data.toy.num_train=64",
     "data.toy.num_heldout=16", "data.toy.embed_dim=16", "data.toy.shard_rows=32",
-    "teacher.steps=40", "teacher.batch_size=8", "teacher.optim.warmup=5", "teacher.optim.ema_start=0",
+    "teacher.steps=40", "teacher.batch_size=8", "teacher.optim.warmup=5", "teacher.optim.ema=0.9",
     "stage1.steps=30", "stage1.batch_size=8", "stage1.optim.warmup=5",
     "stage2.steps=6", "stage2.batch_size=4", "stage2.num_steps_choices=[1, 2, 3]",
     "consistency.steps=4", "consistency.batch_size=4",
@@ -58,26 +58,54 @@ def test_every_stage_writes_the_contract_outputs(finished_run):
         assert len([r for r in records if r["stage"] == stage]) == steps
 
 
-def test_teacher_and_stage1_losses_go_down(finished_run):
-    _, run_dir = finished_run
-    records = read_metrics(run_dir / "metrics.jsonl")
-    for stage, key in (("teacher", "loss/teacher"), ("stage1", "loss/stage1")):
-        loss = _losses(records, stage, key)
-        assert sum(loss[-8:]) / 8 < 0.9 * sum(loss[:8]) / 8, (stage, loss)
-
-
-def test_stage2_losses_go_down(tmp_path):
-    cfg = tiny_config(tmp_path, "stage2.steps=24", "stage2.optim.lr=0.001", "stage2.critic_optim.lr=0.001")
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("world"), "teacher.steps=60", "stage1.steps=60",
+                      "stage2.steps=30", "stage2.critic_optim.lr=0.001")
     data_dir = prepare_data(cfg)
     data = reference.TrainData.from_dataset(read_split(data_dir, "train"), read_null_embed(data_dir))
-    teacher = models.build_teacher("tiny", seed=0)
-    student = models.student_from_teacher(teacher)
+    return cfg, data
+
+
+def _fixed_batch(cfg, data, stage, fractions, n=32):
+    # a fixed evaluation batch (step 10**6 is never a training step)
+    d = draws.data_draws(123, stage, 10**6, n, len(data.latents), data.latent_shape, cfg.model.shift, 0.0,
+                         fractions)
+    x, cond = data.batch(d.index)
+    return x, cond, d
+
+
+@torch.no_grad()
+def _teacher_loss(model, cfg, data):
+    x, cond, d = _fixed_batch(cfg, data, "teacher", None)
+    return losses.flow_matching_loss(VelocityFn(model), x, cond, d.t, d.eps).item()
+
+
+@torch.no_grad()
+def _stage1_loss(model, cfg, data):
+    x, cond, d = _fixed_batch(cfg, data, "stage1", reference.stage1_fractions(cfg))
+    return losses.forward_flowmap_loss(StudentFn(model), x, cond, data.null_embed, d.t, d.r, d.eps,
+                                       reference.stage1_settings(cfg))[0].item()
+
+
+def test_each_stage_loss_goes_down_on_a_fixed_batch(tiny_world):
+    cfg, data = tiny_world
+    quiet = lambda *a: None  # noqa: E731
+    # stage 0: flow matching of the teacher from its random initialisation
+    before = _teacher_loss(models.build_teacher(cfg.model.size, seed=cfg.model.init_seed), cfg, data)
+    teacher = reference.train_teacher(cfg, data, quiet)
+    assert _teacher_loss(teacher, cfg, data) < 0.8 * before
+    # stage 1: the forward flow-map loss of the converted student
+    before = _stage1_loss(models.student_from_teacher(teacher), cfg, data)
+    student = reference.train_stage1(cfg, teacher, data, quiet)
+    assert _stage1_loss(student, cfg, data) < before
+    # stage 2: the critic's flow-matching loss on the student's own samples goes down (the critic
+    # tracks the student's distribution); the DMD surrogate is a score difference, not a monotone loss
     records = []
     reference.train_stage2(cfg, "stage2", student, teacher, data, lambda s, i, f: records.append(f))
     critic = [r["loss/critic"] for r in records]
-    dmd = [r["loss/dmd"] for r in records]
-    assert sum(critic[-6:]) < sum(critic[:6]), critic
-    assert sum(dmd[-6:]) < sum(dmd[:6]), dmd
+    assert sum(critic[-8:]) < sum(critic[:8]), critic
+    assert all(torch.isfinite(torch.tensor([r["loss/dmd"], r["loss/cotrain"]])).all() for r in records)
 
 
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path):

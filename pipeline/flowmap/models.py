@@ -32,6 +32,8 @@ SIZE_PRESETS: dict[str, dict] = {
     # 16x16 toy frames in 4x4 patches: 128 tokens for 8 frames, ~0.1 s per training step on 2 cores
     "toy": dict(num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=3, patch_size=(1, 4, 4),
                 text_dim=32, freq_dim=64, in_channels=4, out_channels=4, rope_max_seq_len=64),
+    "toy8": dict(num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=3, patch_size=(1, 2, 2),
+                 text_dim=32, freq_dim=64, in_channels=4, out_channels=4, rope_max_seq_len=64),
     "wan2.1-1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
                         text_dim=4096, freq_dim=256, in_channels=16, out_channels=16),
     "wan2.1-14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
@@ -150,7 +152,7 @@ def student_from_teacher(teacher: WanTransformer3DModel) -> AnyFlowTransformer3D
         if ".time_embedder." in key:
             state[key.replace(".time_embedder.", ".delta_embedder.")] = state[key].clone()
     student.load_state_dict(state, strict=True)
-    return student.to(teacher.dtype)
+    return student if teacher.dtype == torch.float32 else student.to(teacher.dtype)
 
 
 _CLASSES = {"WanTransformer3DModel": WanTransformer3DModel, "AnyFlowTransformer3DModel": AnyFlowTransformer3DModel}

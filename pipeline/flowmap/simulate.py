@@ -3,6 +3,7 @@
 - `flow_map_jump`: one call, `Phi(z_t; t -> r) = z_t - (t - r) u(z_t, t, r)`.
 - `anystep_sample`: N jumps along the shifted N-step grid (diffusers' `AnyFlowPipeline`).
 - `euler_sample`: the teacher's Euler sampler (the same loop with r = t).
+- `heun_sample`: second-order reference solution of the teacher's ODE.
 - `consistency_sample`: jump to 0, re-noise with fresh noise (the baseline).
 - `backward_simulate`: the on-policy rollout of stage 2, three calls at most.
 """
@@ -58,6 +59,21 @@ def euler_sample(v_fn, noise: torch.Tensor, cond: torch.Tensor | None, num_steps
         t = per_sample(s[i], z)
         v = v_fn(z, t, t, cond)
         z = z - float(s[i] - s[i + 1]) * v
+    return z
+
+
+def heun_sample(v_fn, noise: torch.Tensor, cond: torch.Tensor | None, num_steps: int,
+                shift_k: float) -> torch.Tensor:
+    """Heun's second-order method on the probability-flow ODE (2N velocity calls, the last at
+    s = 0): the high-accuracy reference that `ode_error` is measured against."""
+    _check_batch(noise, cond)
+    s = grid(num_steps, shift_k)
+    z = noise
+    for i in range(num_steps):
+        t, r = per_sample(s[i], z), per_sample(s[i + 1], z)
+        h = float(s[i] - s[i + 1])
+        v = v_fn(z, t, t, cond)
+        z = z - h * 0.5 * (v + v_fn(z - h * v, r, r, cond))
     return z
 
 
