@@ -39,6 +39,10 @@ class RunConfig:
     """stages to run, in order, from: teacher, stage1, stage2, consistency, eval, export"""
     threads: int = 0
     """torch CPU threads in the driver process (0: leave torch's default)"""
+    track: bool = True
+    """track the run in MLflow (config as params, per-step metrics, eval, artifacts)"""
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else SQLite under output_dir"""
 
 
 @dataclass

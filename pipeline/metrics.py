@@ -40,8 +40,10 @@ class MetricsLog:
     """
 
     def __init__(self, path: str | Path | None, totals: dict[str, int] | None = None, every_s: float = 10.0,
-                 stream=sys.stdout):
+                 stream=sys.stdout, sinks: list | None = None):
         self.path = Path(path) if path else None
+        self.sinks = list(sinks or [])
+        """callables that get every record as it is written (MLflow tracking)"""
         self.totals = totals or {}
         self.every_s, self.stream = every_s, stream
         self._started: dict[str, float] = {}
@@ -55,6 +57,8 @@ class MetricsLog:
         rec = {"stage": stage, "step": step, "time": now,
                **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in figures.items()}}
         self.records.append(rec)
+        for sink in self.sinks:
+            sink(rec)
         if self._file:
             self._file.write(json.dumps(rec, allow_nan=True) + "\n")
             self._file.flush()

@@ -22,6 +22,7 @@ from pipeline.data.schema import read_meta, read_null_embed, read_split
 from pipeline.data.toy import make_toy_dataset
 from pipeline.flowmap import models
 from pipeline.metrics import MetricsLog
+from pipeline.tracking import Tracker, run_artifacts
 
 DONE = "DONE"
 NET_FOLDERS = {"teacher": "teacher", "student_stage1": "student_stage1", "student": "student_stage2",
@@ -168,14 +169,22 @@ def run_stages(cfg: Config) -> Path:
     check_data_fits_model(cfg, data_dir)
     totals = {"teacher": cfg.teacher.steps, "stage1": cfg.stage1.steps, "stage2": cfg.stage2.steps,
               "consistency": cfg.consistency.steps}
-    log = MetricsLog(run_dir / "metrics.jsonl", totals)
+    tracker = Tracker.start(cfg, run_dir, tracking_uri=cfg.run.tracking_uri or None) if cfg.run.track else None
+    log = MetricsLog(run_dir / "metrics.jsonl", totals, sinks=[tracker.on_record] if tracker else [])
     st = RunState(cfg, run_dir, data_dir, log)
+    status = "FAILED"
     try:
         for stage in cfg.run.stages:
             t0 = time.time()
             print(f"== {stage}", flush=True)
             STAGE_FUNCS[stage](st)
             print(f"== {stage} done in {time.time() - t0:.0f}s", flush=True)
+        status = "FINISHED"
     finally:
         log.close()
+        if tracker:
+            if (run_dir / "eval.json").is_file():
+                tracker.log_eval(run_dir / "eval.json")
+            tracker.log_artifacts(run_artifacts(run_dir))
+            tracker.end(status)
     return run_dir

@@ -17,7 +17,7 @@ from pipeline.flowmap.models import StudentFn, VelocityFn
 from pipeline.flowmap.simulate import anystep_sample
 
 TINY = [
-    "model.size=tiny", "model.shift=3.0",
+    "run.track=false", "model.size=tiny", "model.shift=3.0",
     "data.toy.frames=4", "data.toy.height=8", "data.toy.width=8", "data.toy.num_train=64",
     "data.toy.num_heldout=16", "data.toy.embed_dim=16", "data.toy.shard_rows=32",
     "teacher.steps=40", "teacher.batch_size=8", "teacher.optim.warmup=5", "teacher.optim.ema=0.9",
@@ -153,3 +153,18 @@ def test_running_again_does_not_redo_finished_stages(finished_run, capsys):
     run_stages(cfg)
     assert len(read_metrics(run_dir / "metrics.jsonl")) == before  # no training step again
     assert json.loads((run_dir / "eval.json").read_text()) == eval_before  # eval recomputes the same numbers
+
+
+def test_a_tracked_run_lands_in_mlflow_with_metrics_and_artifacts(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_config(tmp_path, "run.track=true", "run.name=tracked", "teacher.steps=3", "run.stages=[teacher]")
+    run_dir = run_stages(cfg)
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["teacher.steps"] == "3"
+    history = client.get_metric_history(run_id, "teacher/loss/teacher")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
