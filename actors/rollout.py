@@ -1,0 +1,96 @@
+"""RolloutWorker: a student snapshot that turns a step's draws into detached rollouts.
+
+For step `i` it regenerates the step's draws exactly as the reference does
+(`reference.stage2_draws`), runs Flow Map Backward Simulation without gradient for the
+generator draws and for the critic draws (`reference.rollout`), and returns one slice per
+learner rank plus a small metadata dict (launch with `.options(num_returns=W + 1)`):
+
+    rollout(i, stage, W) -> (slice_0, ..., slice_{W-1}, meta)
+    slice_r = {X_OLD: rows of rank r, X_CRIT: rows of rank r, META: meta}
+
+Before each rollout it loads the newest student version from the WeightStore if it is newer
+than the one it holds; the driver has already waited until that version is within the lag
+bound. A plain class; `ray.remote` is applied where it is launched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import fields, replace
+
+import ray
+import torch
+from diffusers import AnyFlowTransformer3DModel
+
+from actors import trajectory as T
+from pipeline import reference
+from pipeline.config import Config
+from pipeline.flowmap.models import StudentFn
+
+
+class PromptRows:
+    """The part of `reference.TrainData` a rollout needs: prompt embeddings by row index."""
+
+    def __init__(self, prompt_embeds: torch.Tensor, null_embed: torch.Tensor):
+        self.prompt_embeds, self.null_embed = prompt_embeds, null_embed
+
+    def batch(self, index: torch.Tensor, drop: torch.Tensor | None = None):
+        if drop is not None:
+            raise ValueError("rollouts never drop prompts")
+        return None, self.prompt_embeds[index.to(self.prompt_embeds.device)]
+
+
+def draws_to(d, device: torch.device):
+    """A draws dataclass with every tensor moved to `device`."""
+    return replace(d, **{f.name: getattr(d, f.name).to(device) for f in fields(d)
+                         if torch.is_tensor(getattr(d, f.name))})
+
+
+def device_for(gpus: float) -> torch.device:
+    if gpus > 0 and not torch.cuda.is_available():
+        raise RuntimeError("this actor was given GPUs but torch sees no CUDA device")
+    return torch.device("cuda" if gpus > 0 else "cpu")
+
+
+class RolloutWorker:
+    def __init__(self, cfg: Config, store, student_config: dict, prompt_embeds: torch.Tensor,
+                 null_embed: torch.Tensor, latent_shape: tuple[int, ...], threads: int = 1, gpus: float = 0.0):
+        torch.set_num_threads(max(1, threads))
+        self.cfg, self.store, self.latent_shape = cfg, store, tuple(latent_shape)
+        self.device = device_for(gpus)
+        self.student = AnyFlowTransformer3DModel.from_config(student_config).to(self.device).eval()
+        self.student.requires_grad_(False)
+        self.u_fn = StudentFn(self.student)
+        self.prompts = PromptRows(prompt_embeds.to(self.device), null_embed.to(self.device))
+        self.num_rows = len(prompt_embeds)
+        self.version = -1
+
+    def pull(self) -> float:
+        """Load the newest student version if it is newer than ours; returns the seconds spent."""
+        t0 = time.perf_counter()
+        version, refs = ray.get(self.store.latest.remote())
+        if version > self.version:
+            self.student.load_state_dict(ray.get(refs[0]))
+            self.version = version
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def rollout(self, step: int, stage: str, num_learners: int) -> list:
+        """The step's generator and critic rollouts, sliced per learner rank, then the metadata."""
+        t0 = time.perf_counter()
+        pull_s = self.pull()
+        c = getattr(self.cfg, stage)
+        consistency, calls = stage == "consistency", reference.grad_calls_of(c)
+        # 1. the step's draws, identical to the reference's
+        gen, crit, _ = reference.stage2_draws(self.cfg, stage, step, self.num_rows, self.latent_shape)
+        # 2. backward simulation without gradient: generator rollouts, then the critic's
+        x_old = reference.rollout(self.u_fn, self.prompts, draws_to(gen, self.device), self.cfg.model.shift,
+                                  consistency, calls)
+        x_crit = reference.rollout(self.u_fn, self.prompts, draws_to(crit, self.device), self.cfg.model.shift,
+                                   consistency, calls)
+        # 3. one compact slice per learner rank, tagged with the student version that made it
+        meta = {"step": step, "num_steps": gen.num_steps, "k": gen.k, "student_version": self.version,
+                "created": time.time(), "rollout_seconds": time.perf_counter() - t0, "pull_seconds": pull_s,
+                "rows": x_old.shape[0], "bytes": T.nbytes(x_old, x_crit)}
+        olds, crits = T.split_rows(x_old, num_learners), T.split_rows(x_crit, num_learners)
+        return [{T.X_OLD: o, T.X_CRIT: k, T.META: meta} for o, k in zip(olds, crits)] + [meta]

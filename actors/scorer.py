@@ -1,0 +1,71 @@
+"""Scorer: the frozen teacher and a critic snapshot; adds the DMD target to a step's rollouts.
+
+    score(i, stage, slice_0, ..., slice_{W-1}) -> (target_0, ..., target_{W-1}, meta)
+    target_r = {Y: rows of rank r of y = x_old - grad, META: meta}
+
+The rollout slices arrive as top-level arguments, so Ray resolves them here (the only place
+besides the learners that reads trajectory bytes). The DMD noise level and noise are the
+step's generator draws (`reference.stage2_draws`), so the target is the reference's. The
+critic is pulled from the WeightStore (newest version) before scoring; its version tags the
+target. Launch with `.options(num_returns=W + 1)`; a plain class, `ray.remote` applied
+where it is launched.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+from diffusers import WanTransformer3DModel
+
+from actors import trajectory as T
+from actors.rollout import PromptRows, device_for, draws_to
+from pipeline import reference
+from pipeline.config import Config
+from pipeline.flowmap import losses
+from pipeline.flowmap.models import VelocityFn
+
+
+class Scorer:
+    def __init__(self, cfg: Config, store, teacher_config: dict, teacher_state: dict, prompt_embeds: torch.Tensor,
+                 null_embed: torch.Tensor, latent_shape: tuple[int, ...], threads: int = 1, gpus: float = 0.0):
+        torch.set_num_threads(max(1, threads))
+        self.cfg, self.store, self.latent_shape = cfg, store, tuple(latent_shape)
+        self.device = device_for(gpus)
+        self.teacher = self._frozen(teacher_config)
+        self.teacher.load_state_dict(teacher_state)
+        self.critic = self._frozen(teacher_config)
+        self.prompts = PromptRows(prompt_embeds.to(self.device), null_embed.to(self.device))
+        self.num_rows = len(prompt_embeds)
+        self.version = -1
+
+    def _frozen(self, config: dict) -> WanTransformer3DModel:
+        return WanTransformer3DModel.from_config(config).to(self.device).eval().requires_grad_(False)
+
+    def pull(self) -> float:
+        """Load the newest critic version if it is newer than ours; returns the seconds spent."""
+        t0 = time.perf_counter()
+        version, refs = ray.get(self.store.latest.remote())
+        if version > self.version:
+            self.critic.load_state_dict(ray.get(refs[1]))
+            self.version = version
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def score(self, step: int, stage: str, *rollout_slices: dict) -> list:
+        """The DMD targets of the step's generator rollouts, sliced per learner rank, then the metadata."""
+        t0 = time.perf_counter()
+        pull_s = self.pull()
+        c = getattr(self.cfg, stage)
+        # 1. the step's generator draws (prompts, DMD noise level and noise), identical to the reference's
+        gen, _, _ = reference.stage2_draws(self.cfg, stage, step, self.num_rows, self.latent_shape)
+        gen = draws_to(gen, self.device)
+        x_old = torch.cat([s[T.X_OLD] for s in rollout_slices]).to(self.device)
+        _, cond = self.prompts.batch(gen.index)
+        # 2. y = x_old - grad against the teacher (guided) and the critic snapshot
+        y, figs = losses.dmd_target(VelocityFn(self.teacher), VelocityFn(self.critic), x_old, cond,
+                                    self.prompts.null_embed, gen.s, gen.eps, c.real_guidance)
+        meta = {"step": step, "critic_version": self.version, "score_seconds": time.perf_counter() - t0,
+                "score_pull_seconds": pull_s, "bytes": T.nbytes(y), **{f"dmd/{k}": v for k, v in figs.items()}}
+        return [{T.Y: y_r, T.META: meta} for y_r in T.split_rows(y, len(rollout_slices))] + [meta]

@@ -1,0 +1,94 @@
+"""WeightStore: numbered versions of the student and critic weights, and the learners' figures.
+
+Version `v` holds the weights after `v` optimiser steps (version 0: the initial weights the
+driver publishes). Learner rank 0 publishes version `step + 1` after each step; rollout and
+scorer actors pull the newest version before their next call; the driver waits on
+`wait_for(i - max_policy_lag)` before it starts the rollouts of step `i` (the lag bound).
+
+The store `ray.put()`s every state dict itself, so it owns the copies it hands out: a
+learner that dies cannot take published weights with it. Only the newest `keep` versions
+are held; an actor that still borrows an older one keeps it alive until it lets go.
+
+A plain class; `ray.remote` is applied where it is launched (pipeline/onpolicy.py). Its
+methods are coroutines so `wait_for` can block callers without blocking the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import ray
+
+
+class WeightStore:
+    def __init__(self, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.keep = keep
+        self._refs: dict[int, list[ray.ObjectRef]] = {}
+        self._version = -1
+        self._figures: dict[int, dict] = {}
+        self._result: list[ray.ObjectRef] | None = None
+        self._changed: asyncio.Condition | None = None
+        self._put_seconds = 0.0
+        self._bytes_per_version = 0
+
+    def _cond(self) -> asyncio.Condition:
+        if self._changed is None:  # created on the actor's event loop, on first use
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def publish(self, version: int, student_state: dict, critic_state: dict,
+                      figures: dict | None = None) -> None:
+        """Hold version `version` (must be newer than the last); `figures` are those of step `version - 1`."""
+        if version <= self._version:
+            raise ValueError(f"version {version} is not newer than the held version {self._version}")
+        t0 = time.perf_counter()
+        self._refs[version] = [ray.put(student_state), ray.put(critic_state)]
+        self._put_seconds = time.perf_counter() - t0
+        self._bytes_per_version = sum(t.numel() * t.element_size() for s in (student_state, critic_state)
+                                      for t in s.values())
+        for old in sorted(self._refs)[:-self.keep]:
+            del self._refs[old]
+        self._version = version
+        if figures is not None:
+            self._figures[version - 1] = figures
+        async with self._cond():
+            self._cond().notify_all()
+
+    async def report(self, step: int, figures: dict) -> None:
+        """The learners' figures of step `step` (losses, times), kept for `figures_since`."""
+        self._figures[step] = dict(figures)
+
+    async def latest(self) -> tuple[int, list[ray.ObjectRef]]:
+        """(newest version, [student state ref, critic state ref]); the refs come back unresolved."""
+        if self._version < 0:
+            raise RuntimeError("no weights published yet")
+        return self._version, list(self._refs[self._version])
+
+    async def version(self) -> int:
+        return self._version
+
+    async def wait_for(self, min_version: int) -> int:
+        """Return the newest version once it is >= `min_version`."""
+        async with self._cond():
+            await self._cond().wait_for(lambda: self._version >= min_version)
+        return self._version
+
+    async def figures_since(self, step: int) -> dict[int, dict]:
+        """The learners' figures of every step >= `step` published so far (older ones are forgotten)."""
+        for old in [s for s in self._figures if s < step]:
+            del self._figures[old]
+        return {s: f for s, f in sorted(self._figures.items())}
+
+    async def finish(self, student_ema_state: dict, critic_state: dict) -> None:
+        """The stage's result (student EMA and critic), read by the driver with `result()`."""
+        self._result = [ray.put(student_ema_state), ray.put(critic_state)]
+
+    async def result(self) -> list[ray.ObjectRef] | None:
+        return self._result
+
+    async def stats(self) -> dict:
+        return {"version": self._version, "held_versions": sorted(self._refs), "put_seconds": self._put_seconds,
+                "bytes_per_version": self._bytes_per_version}

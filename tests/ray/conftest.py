@@ -1,0 +1,48 @@
+"""One local Ray cluster for the whole test session (4 logical CPUs, bound to 127.0.0.1), and the
+tiny on-policy setup the Ray tests share (a toy world of 4 frames x 4 x 8 x 8, a random tiny teacher)."""
+
+import pytest
+import torch
+
+TINY = [
+    "model.size=tiny", "model.shift=3.0",
+    "data.toy.frames=4", "data.toy.height=8", "data.toy.width=8", "data.toy.num_train=64",
+    "data.toy.num_heldout=16", "data.toy.embed_dim=16", "data.toy.shard_rows=32",
+    "stage2.batch_size=4", "stage2.num_steps_choices=[1, 2, 3]",
+    # small pools: 4 logical CPUs hold every pool plus the one CPU Ray Data's file listing takes
+    "ray.backend=ray", "ray.rollout_cpus=0.5", "ray.scorer_cpus=0.5", "ray.learner_cpus=0.75",
+]
+CLUSTER_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=CLUSTER_CPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
+             configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """(config overrides, data folder, teacher, student): a random tiny teacher and its converted student."""
+    from pipeline.config import load_config
+    from pipeline.flowmap import models
+    from pipeline.stages import prepare_data
+
+    out = tmp_path_factory.mktemp("ray_runs")
+    base = [*TINY, f"run.output_dir={out}"]
+    data_dir = prepare_data(load_config(None, base))
+    teacher = models.build_teacher("tiny", seed=0)
+    return base, data_dir, teacher, models.student_from_teacher(teacher)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread in this process: on 2 busy cores two threads can be 50x slower (spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,133 @@
+"""The on-policy stage on Ray against the one-process reference (the pipeline's correctness oracle),
+its lag bound, its buffer bound, refs-only driver, and the fail-fast resource check."""
+
+import time
+
+import pytest
+import torch
+
+from pipeline import onpolicy, reference
+from pipeline.config import load_config
+from pipeline.data.schema import read_meta, read_null_embed, read_split
+
+pytestmark = pytest.mark.ray
+
+STEPS = 20
+COMPARED = ("loss/student", "loss/dmd", "loss/critic")
+
+
+def _config(tiny_world, name, *extra, steps=STEPS):
+    base, *_ = tiny_world
+    return load_config(None, [*base, f"run.name={name}", f"stage2.steps={steps}", *extra])
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_world):
+    """The reference's per-step figures and (student EMA, critic) at the global batch the Ray runs use."""
+    _, data_dir, teacher, student = tiny_world
+    cfg = _config(tiny_world, "reference")
+    data = reference.TrainData.from_dataset(read_split(data_dir, "train"), read_null_embed(data_dir))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        figures = []
+        nets = reference.train_stage2(cfg, "stage2", student, teacher, data, lambda s, i, f: figures.append(f))
+    finally:
+        torch.set_num_threads(before)
+    return figures, nets
+
+
+class GetSpy:
+    """Wraps `ray.get` in the driver and records every tensor it ever returned."""
+
+    def __init__(self, get):
+        self.get, self.shapes = get, []
+
+    def __call__(self, *args, **kwargs):
+        out = self.get(*args, **kwargs)
+        self._walk(out)
+        return out
+
+    def _walk(self, x):
+        if torch.is_tensor(x):
+            self.shapes.append(tuple(x.shape))
+        elif isinstance(x, dict):
+            for v in x.values():
+                self._walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                self._walk(v)
+
+
+def _run_ray(tiny_world, ray_cluster, monkeypatch, name, *extra, steps=STEPS):
+    _, data_dir, teacher, student = tiny_world
+    cfg = _config(tiny_world, name, *extra, steps=steps)
+    spy = GetSpy(ray_cluster.get)
+    monkeypatch.setattr(ray_cluster, "get", spy)
+    records = []
+    result = onpolicy.run(cfg, "stage2", student, teacher, data_dir, lambda s, i, f: records.append((s, i, f)))
+    monkeypatch.undo()
+    assert [i for _, i, _ in records] == list(range(steps)) and {s for s, _, _ in records} == {"stage2"}
+    return cfg, result, [f for _, _, f in records], spy
+
+
+def _assert_matches_reference(ray_figures, reference_run, result):
+    ref_figures, (ref_student, ref_critic) = reference_run
+    worst = {k: 0.0 for k in COMPARED}
+    for step, (got, want) in enumerate(zip(ray_figures, ref_figures, strict=True)):
+        for k in COMPARED:
+            rel = abs(got[k] - want[k]) / max(abs(want[k]), 1e-12)
+            worst[k] = max(worst[k], rel)
+            assert rel <= 1e-5, (step, k, got[k], want[k])
+    for mine, theirs in ((result.student, ref_student), (result.critic, ref_critic)):
+        theirs = theirs.state_dict()
+        for key, value in mine.state_dict().items():
+            assert (value - theirs[key]).abs().max() <= 1e-5, key
+    print("worst relative difference over", len(ray_figures), "steps:", worst)
+
+
+def _assert_refs_only(cfg, result, spy, data_dir):
+    latent = tuple(read_meta(data_dir)["latent_shape"])
+    trajectories = [s for s in spy.shapes if s[-len(latent):] == latent]
+    assert not trajectories, f"the driver fetched trajectory-shaped tensors: {trajectories[:3]}"
+    assert result.buffer_stats["held_types"] == ["ObjectRef"]
+    assert result.buffer_stats["peak_depth"] <= cfg.ray.buffer_capacity
+
+
+def test_lag0_two_rollout_actors_one_learner_matches_reference(ray_cluster, tiny_world, reference_run, monkeypatch):
+    cfg, result, figures, spy = _run_ray(tiny_world, ray_cluster, monkeypatch, "lag0-r2-l1",
+                                         "ray.rollout_actors=2", "ray.scorer_actors=1", "ray.learners=1")
+    _assert_matches_reference(figures, reference_run, result)
+    assert all(f["rollout/lag_max"] == 0 for f in figures)
+    _assert_refs_only(cfg, result, spy, tiny_world[1])
+
+
+def test_lag0_two_learners_matches_reference_at_the_same_global_batch(ray_cluster, tiny_world, reference_run,
+                                                                      monkeypatch):
+    cfg, result, figures, spy = _run_ray(tiny_world, ray_cluster, monkeypatch, "lag0-r1-l2",
+                                         "ray.rollout_actors=1", "ray.scorer_actors=1", "ray.learners=2")
+    _assert_matches_reference(figures, reference_run, result)
+    assert all(f["rollout/lag_max"] == 0 for f in figures)
+    _assert_refs_only(cfg, result, spy, tiny_world[1])
+
+
+def test_lag1_runs_within_its_bound_and_the_buffer_within_capacity(ray_cluster, tiny_world, monkeypatch):
+    cfg, result, figures, spy = _run_ray(tiny_world, ray_cluster, monkeypatch, "lag1",
+                                         "ray.rollout_actors=2", "ray.learners=2", "ray.zero_stage=3",
+                                         "ray.max_policy_lag=1", "ray.buffer_capacity=2", steps=10)
+    lags = [f["rollout/lag_max"] for f in figures]
+    assert max(lags) <= 1 and max(lags) > 0, lags
+    assert max(f["buffer/depth"] for f in figures) <= 2
+    assert all(torch.isfinite(torch.tensor(f["loss/student"])) for f in figures)
+    _assert_refs_only(cfg, result, spy, tiny_world[1])
+
+
+def test_a_request_beyond_the_cluster_fails_within_seconds_naming_ask_and_cluster(ray_cluster, tiny_world):
+    _, data_dir, teacher, student = tiny_world
+    cfg = _config(tiny_world, "too-big", "ray.learners=4", "ray.learner_cpus=2")
+    t0 = time.perf_counter()
+    with pytest.raises(onpolicy.ClusterTooSmall) as err:
+        onpolicy.run(cfg, "stage2", student, teacher, data_dir, lambda *a: None)
+    assert time.perf_counter() - t0 < 5
+    msg = str(err.value)
+    assert "4 learners x (2 CPU, 0 GPU)" in msg and "the cluster has 4 CPUs and 0 GPUs" in msg, msg
