@@ -209,7 +209,12 @@ def train_loop(config: dict) -> None:
     s: LearnerSetup = config["setup"]
     torch.set_num_threads(max(1, s.threads))
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = ray.train.torch.get_device() if s.use_gpu else torch.device("cpu")
+    if s.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
     data = train_split_of(s.train_split, s.data_dir, s.null_embed)
     learner = OnPolicyLearner(s, data, rank, world, device)
     last = time.perf_counter()

@@ -164,7 +164,12 @@ def _wait(ref: ray.ObjectRef, fit: _FitThread):
 
 
 class StepLog:
-    """Joins, per step, the rollout/scorer metadata, the buffer depth and the learner figures."""
+    """Joins, per step, the rollout/scorer metadata, the buffer depth and the learner figures.
+
+    Policy lag of a sample = the version the learner trains it with (step i: version i) minus
+    the student version that made it. Mean and max are over the step's samples; one rollout
+    actor makes a step's whole batch with one version, so today they are equal.
+    """
 
     def __init__(self, stage: str, steps: int, store, log: Log):
         self.stage, self.steps, self.store, self.log = stage, steps, store, log

@@ -2,7 +2,6 @@
 tiny on-policy setup the Ray tests share (a toy world of 4 frames x 4 x 8 x 8, a random tiny teacher)."""
 
 import pytest
-import torch
 
 TINY = [
     "model.size=tiny", "model.shift=3.0",
@@ -38,11 +37,3 @@ def tiny_world(tmp_path_factory):
     teacher = models.build_teacher("tiny", seed=0)
     return base, data_dir, teacher, models.student_from_teacher(teacher)
 
-
-@pytest.fixture
-def one_thread():
-    """One torch thread in this process: on 2 busy cores two threads can be 50x slower (spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
