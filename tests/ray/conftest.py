@@ -8,6 +8,8 @@ TINY = [
     "data.toy.frames=4", "data.toy.height=8", "data.toy.width=8", "data.toy.num_train=64",
     "data.toy.num_heldout=16", "data.toy.embed_dim=16", "data.toy.shard_rows=32",
     "stage2.batch_size=4", "stage2.num_steps_choices=[1, 2, 3]",
+    # exercise the warm-up schedules and the EMA's decay within the tests' 20 steps
+    "stage2.optim.warmup=5", "stage2.optim.ema_start=5", "stage2.critic_optim.warmup=3",
     # small pools: 4 logical CPUs hold every pool plus the one CPU Ray Data's file listing takes
     "ray.backend=ray", "ray.rollout_cpus=0.5", "ray.scorer_cpus=0.5", "ray.learner_cpus=0.75",
 ]
