@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pipeline.stages import run_stages
 
-    run_dir = run_stages(cfg)
+    try:
+        run_dir = run_stages(cfg)
+    finally:
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
     print(f"outputs: {run_dir.resolve()}")
     return 0
 

@@ -4,7 +4,9 @@
 
 A stage whose output folder is complete (it holds a `DONE` marker written last) is loaded,
 not redone, so running again with the same run name continues where the last run stopped.
-Training itself is delegated to a backend: `pipeline.reference` runs it in this process.
+Training itself is delegated to a backend: `pipeline.reference` runs it in this process;
+with `ray.backend=ray` the on-policy stages run on the Ray rollout fleet and learners
+(`pipeline.onpolicy`).
 """
 
 from __future__ import annotations
@@ -110,8 +112,14 @@ def _stage2_like(st: RunState, stage: str, key: str) -> None:
     if _done(folder):
         st.nets[key] = models.load_transformer(folder, expect="AnyFlowTransformer3DModel")
         return
-    student, critic = reference.train_stage2(st.cfg, stage, _need(st, "student_stage1"), _need(st, "teacher"),
-                                             st.train, st.log)
+    if st.cfg.ray.backend == "ray":
+        from pipeline import onpolicy  # imports Ray: only when the Ray backend is asked for
+
+        student, critic = onpolicy.train_stage2(st.cfg, stage, _need(st, "student_stage1"), _need(st, "teacher"),
+                                                st.data_dir, st.log)
+    else:
+        student, critic = reference.train_stage2(st.cfg, stage, _need(st, "student_stage1"), _need(st, "teacher"),
+                                                 st.train, st.log)
     st.nets[key] = student
     _save(critic, st.run_dir / f"critic_{stage}")
     _save(student, folder)
