@@ -33,12 +33,17 @@ def _batched(fn, noise: torch.Tensor, cond: torch.Tensor, batch: int) -> torch.T
     return torch.cat(outs)
 
 
+def guided_teacher(cfg: Config, teacher: torch.nn.Module, null_embed: torch.Tensor) -> GuidedFn:
+    """The teacher's velocity with classifier-free guidance at `eval.teacher_guidance`."""
+    return GuidedFn(VelocityFn(teacher.eval()), null_embed, cfg.eval.teacher_guidance)
+
+
 def samplers(cfg: Config, nets: dict[str, torch.nn.Module], null_embed: torch.Tensor) -> dict:
     """name -> sample(noise, cond, num_steps) for the networks present in `nets`."""
     k = cfg.model.shift
     out = {}
     if "teacher" in nets:
-        guided = GuidedFn(VelocityFn(nets["teacher"].eval()), null_embed, cfg.eval.teacher_guidance)
+        guided = guided_teacher(cfg, nets["teacher"], null_embed)
         out["teacher"] = lambda z, c, n: euler_sample(guided, z, c, n, k)
     for name in ("student_stage1", "student"):
         if name in nets:
@@ -64,7 +69,7 @@ def evaluate_run(cfg: Config, nets: dict[str, torch.nn.Module], heldout: LatentD
     null = null_embed[None] if null_embed.ndim == 2 else null_embed
     fns = samplers(cfg, nets, null)
     t0 = time.time()
-    guided = GuidedFn(VelocityFn(nets["teacher"].eval()), null, e.teacher_guidance)
+    guided = guided_teacher(cfg, nets["teacher"], null)
     ref = _batched(lambda z, c: heun_sample(guided, z, c, e.ode_ref_steps, cfg.model.shift), noise, cond,
                    e.batch_size)
     log(f"[eval] teacher ODE reference ({e.ode_ref_steps} Heun steps) in {time.time() - t0:.0f}s")

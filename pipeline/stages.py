@@ -23,6 +23,7 @@ from pipeline.config import Config, save_config
 from pipeline.data.schema import read_meta, read_null_embed, read_split
 from pipeline.data.toy import make_toy_dataset
 from pipeline.flowmap import models
+from pipeline.evaluate import format_table
 from pipeline.metrics import MetricsLog
 from pipeline.tracking import Tracker, run_artifacts
 
@@ -87,30 +88,43 @@ def _save(model: torch.nn.Module, folder: Path) -> None:
     tmp.rename(folder)
 
 
+def _load(st: RunState, key: str) -> bool:
+    """Put the network `key` into `st.nets` if it is there to load (already in memory, the
+    configured teacher folder, or a finished stage's folder); False if it must be trained."""
+    if key in st.nets:
+        return True
+    expect = "WanTransformer3DModel" if key == "teacher" else "AnyFlowTransformer3DModel"
+    if key == "teacher" and st.cfg.model.teacher_path:
+        st.nets[key] = models.load_transformer(st.cfg.model.teacher_path, expect=expect)
+        return True
+    folder = st.run_dir / NET_FOLDERS[key]
+    if not _done(folder):
+        return False
+    st.nets[key] = models.load_transformer(folder, expect=expect)
+    return True
+
+
+def _need(st: RunState, name: str) -> torch.nn.Module:
+    if not _load(st, name):
+        raise RuntimeError(f"stage needs the {name} model: run its stage first "
+                           f"(add it to run.stages) or point model.teacher_path at one")
+    return st.nets[name]
+
+
 def stage_teacher(st: RunState) -> None:
-    folder = st.run_dir / "teacher"
-    if st.cfg.model.teacher_path:
-        st.nets["teacher"] = models.load_transformer(st.cfg.model.teacher_path, expect="WanTransformer3DModel")
-    elif _done(folder):
-        st.nets["teacher"] = models.load_transformer(folder, expect="WanTransformer3DModel")
-    else:
+    if not _load(st, "teacher"):
         st.nets["teacher"] = reference.train_teacher(st.cfg, st.train, st.log)
-        _save(st.nets["teacher"], folder)
+        _save(st.nets["teacher"], st.run_dir / NET_FOLDERS["teacher"])
 
 
 def stage_stage1(st: RunState) -> None:
-    folder = st.run_dir / "student_stage1"
-    if _done(folder):
-        st.nets["student_stage1"] = models.load_transformer(folder, expect="AnyFlowTransformer3DModel")
-        return
-    st.nets["student_stage1"] = reference.train_stage1(st.cfg, _need(st, "teacher"), st.train, st.log)
-    _save(st.nets["student_stage1"], folder)
+    if not _load(st, "student_stage1"):
+        st.nets["student_stage1"] = reference.train_stage1(st.cfg, _need(st, "teacher"), st.train, st.log)
+        _save(st.nets["student_stage1"], st.run_dir / NET_FOLDERS["student_stage1"])
 
 
 def _stage2_like(st: RunState, stage: str, key: str) -> None:
-    folder = st.run_dir / NET_FOLDERS[key]
-    if _done(folder):
-        st.nets[key] = models.load_transformer(folder, expect="AnyFlowTransformer3DModel")
+    if _load(st, key):
         return
     if st.cfg.ray.backend == "ray":
         from pipeline import onpolicy  # imports Ray: only when the Ray backend is asked for
@@ -122,7 +136,7 @@ def _stage2_like(st: RunState, stage: str, key: str) -> None:
                                                  st.train, st.log)
     st.nets[key] = student
     _save(critic, st.run_dir / f"critic_{stage}")
-    _save(student, folder)
+    _save(student, st.run_dir / NET_FOLDERS[key])
 
 
 def stage_stage2(st: RunState) -> None:
@@ -134,32 +148,20 @@ def stage_consistency(st: RunState) -> None:
 
 
 def stage_eval(st: RunState) -> None:
-    for name, sub in NET_FOLDERS.items():
-        if name not in st.nets and _done(st.run_dir / sub):
-            st.nets[name] = models.load_transformer(st.run_dir / sub)
+    for name in NET_FOLDERS:
+        _load(st, name)
     _need(st, "teacher")
     heldout = read_split(st.data_dir, "heldout")
     result = sampling.evaluate_run(st.cfg, st.nets, heldout, read_null_embed(st.data_dir), st.run_dir)
-    from pipeline.evaluate import format_table
     print(format_table(result), flush=True)
 
 
 def stage_export(st: RunState) -> None:
     for name in ("student", "student_stage1"):
-        if name in st.nets or _done(st.run_dir / NET_FOLDERS[name]):
-            sampling.export_student(st.cfg, _need(st, name), st.run_dir / "student")
+        if _load(st, name):
+            sampling.export_student(st.cfg, st.nets[name], st.run_dir / "student")
             return
     raise RuntimeError("export needs a trained student: run stage1 or stage2 first")
-
-
-def _need(st: RunState, name: str) -> torch.nn.Module:
-    if name not in st.nets:
-        if _done(st.run_dir / NET_FOLDERS[name]):
-            st.nets[name] = models.load_transformer(st.run_dir / NET_FOLDERS[name])
-        else:
-            raise RuntimeError(f"stage needs the {name} model: run its stage first "
-                               f"(add it to run.stages) or point model.teacher_path at one")
-    return st.nets[name]
 
 
 STAGE_FUNCS = {"teacher": stage_teacher, "stage1": stage_stage1, "stage2": stage_stage2,

@@ -168,3 +168,14 @@ def test_a_tracked_run_lands_in_mlflow_with_metrics_and_artifacts(tmp_path):
     history = client.get_metric_history(run_id, "teacher/loss/teacher")
     assert [m.step for m in history] == [0, 1, 2]
     assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_a_teacher_folder_replaces_stage_0_also_when_the_teacher_stage_is_not_listed(tmp_path):
+    teacher = models.build_teacher("tiny", seed=3)
+    teacher.save_pretrained(tmp_path / "my_wan")
+    cfg = tiny_config(tmp_path, "run.name=given_teacher", f"model.teacher_path={tmp_path / 'my_wan'}",
+                      "stage1.steps=2", "run.stages=[stage1]")
+    run_dir = run_stages(cfg)
+    assert not (run_dir / "teacher").exists()  # stage 0 neither ran nor was needed
+    student = models.load_transformer(run_dir / "student_stage1")
+    assert isinstance(student, AnyFlowTransformer3DModel)
