@@ -21,6 +21,7 @@ from diffusers import WanTransformer3DModel
 
 from actors import trajectory as T
 from actors.rollout import PromptRows, device_for, draws_to
+from pipeline import metrics as M
 from pipeline import reference
 from pipeline.config import Config
 from pipeline.flowmap import losses
@@ -67,5 +68,5 @@ class Scorer:
         y, figs = losses.dmd_target(VelocityFn(self.teacher), VelocityFn(self.critic), x_old, cond,
                                     self.prompts.null_embed, gen.s, gen.eps, c.real_guidance)
         meta = {"step": step, "critic_version": self.version, "score_seconds": time.perf_counter() - t0,
-                "score_pull_seconds": pull_s, "bytes": T.nbytes(y), **{f"dmd/{k}": v for k, v in figs.items()}}
+                "score_pull_seconds": pull_s, "bytes": T.nbytes(y), **{M.DMD_PREFIX + k: v for k, v in figs.items()}}
         return [{T.Y: y_r, T.META: meta} for y_r in T.split_rows(y, len(rollout_slices))] + [meta]

@@ -46,9 +46,6 @@ from pipeline.flowmap.draws import slice_rows
 from pipeline.flowmap.models import StudentFn, VelocityFn
 from pipeline import metrics as M
 
-# Figure names not (yet) in pipeline/metrics.py; the driver logs them as they are.
-GRAD_NORM_STUDENT = "grad_norm/student"
-WAIT_SECONDS = "learner/wait_seconds"
 
 
 @dataclass
@@ -176,7 +173,7 @@ class OnPolicyLearner:
         # 5. the global figures (losses averaged over ranks)
         means = _sum_over_ranks(torch.stack([loss_dmd, loss_co, loss, loss_critic]).detach().float()) / self.world
         return {M.LOSS_DMD: float(means[0]), M.LOSS_COTRAIN: float(means[1]), M.LOSS_STUDENT: float(means[2]),
-                M.LOSS_CRITIC: float(means[3]), GRAD_NORM_STUDENT: norm, WAIT_SECONDS: t1 - t0,
+                M.LOSS_CRITIC: float(means[3]), M.GRAD_NORM_STUDENT: norm, M.WAIT_SECONDS: t1 - t0,
                 M.LEARNER_SECONDS: time.perf_counter() - t1}
 
     def publish(self, version: int) -> float:

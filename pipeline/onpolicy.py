@@ -42,10 +42,6 @@ from pipeline.config import Config, RayConfig
 from pipeline.data.schema import read_null_embed
 from pipeline.reference import Log
 
-# Figure names not (yet) in pipeline/metrics.py.
-CRITIC_LAG = "rollout/critic_lag"
-SCORE_SECONDS = "score/seconds"
-PULL_SECONDS = "rollout/pull_seconds"
 POLL_S = 0.5
 
 
@@ -190,11 +186,11 @@ class StepLog:
             rmeta, smeta = ray.get([rmeta_ref, smeta_ref])  # small dicts, no tensors
             lag = i - rmeta["student_version"]  # the learner trains step i with version i
             self.log(self.stage, i, {
-                **learned[i], M.LAG_MEAN: float(lag), M.LAG_MAX: float(lag), CRITIC_LAG: i - smeta["critic_version"],
+                **learned[i], M.LAG_MEAN: float(lag), M.LAG_MAX: float(lag), M.CRITIC_LAG: i - smeta["critic_version"],
                 M.BUFFER_DEPTH: depth, M.ROLLOUT_SECONDS: rmeta["rollout_seconds"],
-                PULL_SECONDS: rmeta["pull_seconds"], SCORE_SECONDS: smeta["score_seconds"],
-                "rollout/num_steps": rmeta["num_steps"], "rollout/k": rmeta["k"],
-                **{k: v for k, v in smeta.items() if k.startswith("dmd/")}})
+                M.PULL_SECONDS: rmeta["pull_seconds"], M.SCORE_SECONDS: smeta["score_seconds"],
+                M.ROLLOUT_NUM_STEPS: rmeta["num_steps"], M.ROLLOUT_K: rmeta["k"],
+                **{k: v for k, v in smeta.items() if k.startswith(M.DMD_PREFIX)}})
             self.next += 1
 
 

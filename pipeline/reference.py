@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from pipeline import metrics as M
 from pipeline.config import Config, OptimConfig, Stage2Config
 from pipeline.data.schema import LatentDataset
 from pipeline.flowmap import draws, losses, models
@@ -75,7 +76,7 @@ class Trainee:
 
 
 def _timed(log: Log, stage: str, step: int, figures: dict, t0: float) -> None:
-    figures["time/step_seconds"] = time.perf_counter() - t0
+    figures[M.STEP_SECONDS] = time.perf_counter() - t0
     log(stage, step, figures)
 
 
@@ -96,7 +97,7 @@ def train_teacher(cfg: Config, data: TrainData, log: Log) -> torch.nn.Module:
         # 2. flow matching loss and update
         loss = losses.flow_matching_loss(v_fn, x, cond, d.t, d.eps)
         norm = trainee.apply(loss)
-        _timed(log, "teacher", step, {"loss/teacher": loss.item(), "grad_norm/teacher": norm}, t0)
+        _timed(log, "teacher", step, {M.LOSS_TEACHER: loss.item(), M.GRAD_NORM_TEACHER: norm}, t0)
     return trainee.ema.model
 
 
@@ -125,8 +126,8 @@ def train_stage1(cfg: Config, teacher: torch.nn.Module, data: TrainData, log: Lo
         # 2. MeanFlow target with guidance fusion, weighting, rescaling; update
         loss, figs = losses.forward_flowmap_loss(u_fn, x, cond, data.null_embed, d.t, d.r, d.eps, settings)
         norm = trainee.apply(loss)
-        _timed(log, "stage1", step, {"loss/stage1": loss.item(), "loss/stage1_diag": figs["loss_diag"],
-                                     "loss/stage1_free": figs["loss_free"], "grad_norm/student": norm}, t0)
+        _timed(log, "stage1", step, {M.LOSS_STAGE1: loss.item(), M.LOSS_STAGE1_DIAG: figs["loss_diag"],
+                                     M.LOSS_STAGE1_FREE: figs["loss_free"], M.GRAD_NORM_STUDENT: norm}, t0)
     return trainee.ema.model
 
 
@@ -198,8 +199,8 @@ def train_stage2(cfg: Config, stage: str, student: torch.nn.Module, teacher: tor
         _, cond_c = data.batch(crit.index)
         loss_critic = losses.flow_matching_loss(c_fn, x_crit, cond_c, crit.s, crit.eps)
         critic_t.apply(loss_critic)
-        _timed(log, stage, step, {"loss/dmd": loss_dmd.item(), "loss/cotrain": loss_co.item(),
-                                  "loss/student": loss.item(), "loss/critic": loss_critic.item(),
-                                  "grad_norm/student": norm, "rollout/num_steps": gen.num_steps,
-                                  "rollout/k": gen.k, **{f"dmd/{k}": v for k, v in figs.items()}}, t0)
+        _timed(log, stage, step, {M.LOSS_DMD: loss_dmd.item(), M.LOSS_COTRAIN: loss_co.item(),
+                                  M.LOSS_STUDENT: loss.item(), M.LOSS_CRITIC: loss_critic.item(),
+                                  M.GRAD_NORM_STUDENT: norm, M.ROLLOUT_NUM_STEPS: gen.num_steps,
+                                  M.ROLLOUT_K: gen.k, **{M.DMD_PREFIX + k: v for k, v in figs.items()}}, t0)
     return gen_t.ema.model, critic_t.model
