@@ -22,9 +22,10 @@ from pipeline.config import Config, OptimConfig, Stage2Config
 from pipeline.data.schema import LatentDataset
 from pipeline.flowmap import draws, losses, models
 from pipeline.flowmap.models import StudentFn, VelocityFn
-from pipeline.flowmap.optim import EMA, clip_and_step, optimizer_from
+from pipeline.flowmap.optim import EMA, clip_grads, optimizer_from
 from pipeline.flowmap.schedule import PairFractions
 from pipeline.flowmap.simulate import GradCalls, backward_simulate, consistency_backward_simulate
+from pipeline.guard import StepGuard
 
 Log = Callable[[str, int, dict], None]
 """log(stage, step, figures): where the stages report per-step figures."""
@@ -57,22 +58,44 @@ class TrainData:
 
 
 class Trainee:
-    """A model with its optimiser, warm-up schedule and EMA."""
+    """A model with its optimiser, warm-up schedule, EMA and bad-step guard."""
 
-    def __init__(self, model: torch.nn.Module, optim: OptimConfig):
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, guard: StepGuard | None = None):
         self.model = model.train().requires_grad_(True)
         self.cfg = optim
         self.opt, self.sched = optimizer_from(model.parameters(), optim)
         self.ema = EMA(model, optim.ema, optim.ema_start)
+        self.guard = guard or StepGuard("training")
         self.step = 0
 
-    def apply(self, loss: torch.Tensor) -> float:
-        """Backward, clip, step, EMA; returns the gradient norm."""
-        loss.backward()
-        norm = clip_and_step(self.model, self.opt, self.sched, self.cfg.grad_clip)
-        self.ema.update(self.model, self.step)
-        self.step += 1
+    def apply(self, loss: torch.Tensor, step: int, **batch: torch.Tensor | None) -> float:
+        """Step `step`: backward, clip, optimiser and schedule step, EMA; returns the pre-clip
+        gradient norm (NaN if the step was skipped before backward).
+
+        A bad step (non-finite `batch` tensor or loss: no backward; non-finite gradient norm:
+        no update) is skipped and counted by the guard (`self.guard.figures()`), which raises
+        TooManyBadSteps after run.max_bad_steps in a row.
+        """
+        norm = float("nan")
+        ok = self.guard.check(loss, **batch)
+        if ok:
+            loss.backward()
+            norm = clip_grads(self.model, self.cfg.grad_clip)
+            ok = self.guard.check_grad_norm(norm)
+            if ok:
+                self.opt.step()
+                self.sched.step()
+                self.ema.update(self.model, step)
+        self.opt.zero_grad(set_to_none=True)
+        self.step = step + 1
+        self.guard.record(step, ok)
         return norm
+
+
+def _guard(cfg: Config, stage: str, critic: bool = False) -> StepGuard:
+    if critic:
+        return StepGuard(f"{stage} critic", cfg.run.max_bad_steps, (M.CRITIC_SKIPPED_STEPS, M.CRITIC_BAD_IN_A_ROW))
+    return StepGuard(stage if stage == "teacher" else f"{stage} student", cfg.run.max_bad_steps)
 
 
 def _timed(log: Log, stage: str, step: int, figures: dict, t0: float) -> None:
@@ -86,7 +109,7 @@ def _timed(log: Log, stage: str, step: int, figures: dict, t0: float) -> None:
 def train_teacher(cfg: Config, data: TrainData, log: Log) -> torch.nn.Module:
     """Flow matching of a freshly initialised Wan teacher; returns its EMA weights."""
     c = cfg.teacher
-    trainee = Trainee(models.build_teacher(cfg.model.size, seed=cfg.model.init_seed), c.optim)
+    trainee = Trainee(models.build_teacher(cfg.model.size, seed=cfg.model.init_seed), c.optim, _guard(cfg, "teacher"))
     v_fn = VelocityFn(trainee.model)
     for step in range(c.steps):
         t0 = time.perf_counter()
@@ -96,8 +119,9 @@ def train_teacher(cfg: Config, data: TrainData, log: Log) -> torch.nn.Module:
         x, cond = data.batch(d.index, d.drop)
         # 2. flow matching loss and update
         loss = losses.flow_matching_loss(v_fn, x, cond, d.t, d.eps)
-        norm = trainee.apply(loss)
-        _timed(log, "teacher", step, {M.LOSS_TEACHER: loss.item(), M.GRAD_NORM_TEACHER: norm}, t0)
+        norm = trainee.apply(loss, step, x=x, cond=cond)
+        _timed(log, "teacher", step, {M.LOSS_TEACHER: loss.item(), M.GRAD_NORM_TEACHER: norm,
+                                      **trainee.guard.figures()}, t0)
     return trainee.ema.model
 
 
@@ -115,7 +139,7 @@ def stage1_fractions(cfg: Config) -> PairFractions:
 def train_stage1(cfg: Config, teacher: torch.nn.Module, data: TrainData, log: Log) -> torch.nn.Module:
     """Forward flow-map training of the converted student on data; returns its EMA weights."""
     c = cfg.stage1
-    trainee = Trainee(models.student_from_teacher(teacher), c.optim)
+    trainee = Trainee(models.student_from_teacher(teacher), c.optim, _guard(cfg, "stage1"))
     u_fn, settings = StudentFn(trainee.model), stage1_settings(cfg)
     for step in range(c.steps):
         t0 = time.perf_counter()
@@ -125,9 +149,10 @@ def train_stage1(cfg: Config, teacher: torch.nn.Module, data: TrainData, log: Lo
         x, cond = data.batch(d.index, d.drop)
         # 2. MeanFlow target with guidance fusion, weighting, rescaling; update
         loss, figs = losses.forward_flowmap_loss(u_fn, x, cond, data.null_embed, d.t, d.r, d.eps, settings)
-        norm = trainee.apply(loss)
+        norm = trainee.apply(loss, step, x=x, cond=cond)
         _timed(log, "stage1", step, {M.LOSS_STAGE1: loss.item(), M.LOSS_STAGE1_DIAG: figs["loss_diag"],
-                                     M.LOSS_STAGE1_FREE: figs["loss_free"], M.GRAD_NORM_STUDENT: norm}, t0)
+                                     M.LOSS_STAGE1_FREE: figs["loss_free"], M.GRAD_NORM_STUDENT: norm,
+                                     **trainee.guard.figures()}, t0)
     return trainee.ema.model
 
 
@@ -171,8 +196,8 @@ def train_stage2(cfg: Config, stage: str, student: torch.nn.Module, teacher: tor
     """
     c: Stage2Config = getattr(cfg, stage)
     consistency = stage == "consistency"
-    gen_t = Trainee(copy.deepcopy(student), c.optim)
-    critic_t = Trainee(copy.deepcopy(teacher), c.critic_optim)
+    gen_t = Trainee(copy.deepcopy(student), c.optim, _guard(cfg, stage))
+    critic_t = Trainee(copy.deepcopy(teacher), c.critic_optim, _guard(cfg, stage, critic=True))
     teacher = teacher.eval().requires_grad_(False)
     u_fn, t_fn, c_fn = StudentFn(gen_t.model), VelocityFn(teacher), VelocityFn(critic_t.model)
     settings, calls = stage1_settings(cfg), grad_calls_of(c)
@@ -190,17 +215,19 @@ def train_stage2(cfg: Config, stage: str, student: torch.nn.Module, teacher: tor
         # 3. co-training: the stage-1 loss on a real-data batch
         loss = loss_dmd
         loss_co = torch.zeros(())
+        x = cond_co = None
         if c.cotrain_weight > 0:
             x, cond_co = data.batch(co.index, co.drop)
             loss_co, _ = losses.forward_flowmap_loss(u_fn, x, cond_co, data.null_embed, co.t, co.r, co.eps, settings)
             loss = loss + c.cotrain_weight * loss_co
-        norm = gen_t.apply(loss)
+        norm = gen_t.apply(loss, step, rollout=x_hat, cond=cond, x=x, cond_co=cond_co)
         # 4. critic: flow matching on the (detached) rollouts of step 1
         _, cond_c = data.batch(crit.index)
         loss_critic = losses.flow_matching_loss(c_fn, x_crit, cond_c, crit.s, crit.eps)
-        critic_t.apply(loss_critic)
+        critic_t.apply(loss_critic, step, rollout=x_crit, cond=cond_c)
         _timed(log, stage, step, {M.LOSS_DMD: loss_dmd.item(), M.LOSS_COTRAIN: loss_co.item(),
                                   M.LOSS_STUDENT: loss.item(), M.LOSS_CRITIC: loss_critic.item(),
                                   M.GRAD_NORM_STUDENT: norm, M.ROLLOUT_NUM_STEPS: gen.num_steps,
-                                  M.ROLLOUT_K: gen.k, **{M.DMD_PREFIX + k: v for k, v in figs.items()}}, t0)
+                                  M.ROLLOUT_K: gen.k, **{M.DMD_PREFIX + k: v for k, v in figs.items()},
+                                  **gen_t.guard.figures(), **critic_t.guard.figures()}, t0)
     return gen_t.ema.model, critic_t.model

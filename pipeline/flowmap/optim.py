@@ -47,14 +47,21 @@ class EMA:
         self.model.load_state_dict(state)
 
 
-def clip_and_step(model: torch.nn.Module, opt, sched, grad_clip: float) -> float:
-    """Clip the gradient norm (if > 0), step optimiser and schedule; return the pre-clip norm."""
+def clip_grads(model: torch.nn.Module, grad_clip: float) -> float:
+    """Clip the gradient norm (if > 0); return the pre-clip global norm (non-finite if any
+    gradient is: check it before stepping, `pipeline.guard.StepGuard.check_grad_norm`)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    return float(norm)
+
+
+def clip_and_step(model: torch.nn.Module, opt, sched, grad_clip: float) -> float:
+    """Clip the gradient norm (if > 0), step optimiser and schedule; return the pre-clip norm."""
+    norm = clip_grads(model, grad_clip)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
