@@ -41,7 +41,11 @@ class ReplayBuffer:
         self._peak = 0
         self._puts = 0
         self._bytes_per_trajectory: float | None = None
+        self._bytes_per_step = 0
         self._held_types: set[str] = set()
+        self._meta_totals: dict[str, list[float]] = {}
+        """numeric metadata field -> [count, sum, max] over every entry whose metadata arrived"""
+        self._filling: set[asyncio.Task] = set()
 
     def _cond(self) -> asyncio.Condition:
         if self._changed is None:  # created on the actor's event loop, on first use
@@ -66,7 +70,9 @@ class ReplayBuffer:
         self._puts += 1
         self._peak = max(self._peak, len(self._entries))
         if pending_meta:
-            asyncio.get_running_loop().create_task(self._fill_meta(self._entries[step], list(pending_meta)))
+            task = asyncio.get_running_loop().create_task(self._fill_meta(self._entries[step], list(pending_meta)))
+            self._filling.add(task)
+            task.add_done_callback(self._filling.discard)
         async with self._cond():
             self._cond().notify_all()
         return len(self._entries)
@@ -83,6 +89,13 @@ class ReplayBuffer:
         entry.meta["bytes"] = nbytes
         if nbytes and entry.meta.get("rows"):
             self._bytes_per_trajectory = nbytes / entry.meta["rows"]
+        self._bytes_per_step = max(self._bytes_per_step, nbytes)
+        for k, v in entry.meta.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                count_sum_max = self._meta_totals.setdefault(k, [0, 0.0, float("-inf")])
+                count_sum_max[0] += 1
+                count_sum_max[1] += v
+                count_sum_max[2] = max(count_sum_max[2], v)
 
     async def wait_room(self) -> int:
         """Return the depth once it is below capacity (the driver's pacing)."""
@@ -103,6 +116,13 @@ class ReplayBuffer:
                 self._cond().notify_all()
             return entry.slices[rank]
 
+    async def reset(self) -> None:
+        """Forget every entry (a restarted learner group: the driver makes the rollouts again from the
+        step it resumes at; the refs dropped here free their objects)."""
+        self._entries.clear()
+        async with self._cond():
+            self._cond().notify_all()
+
     async def depth(self) -> int:
         return len(self._entries)
 
@@ -110,8 +130,14 @@ class ReplayBuffer:
         entry = self._entries.get(step)
         return None if entry is None else dict(entry.meta)
 
-    async def stats(self) -> dict:
-        """Peak depth, puts, bytes per trajectory (when the producer said), and the types ever held."""
+    async def stats(self, settle_s: float = 5.0) -> dict:
+        """Peak depth, puts, bytes per trajectory and per step (the largest; tensor bytes, as the producers
+        said), the types ever held, and `meta`: {field: {"count", "mean", "max"}} of every numeric
+        metadata field over the entries whose metadata arrived (seconds, network calls, N, k, ...).
+        Waits up to `settle_s` for metadata still arriving."""
+        if self._filling:
+            await asyncio.wait(list(self._filling), timeout=settle_s)
+        meta = {k: {"count": n, "mean": total / n, "max": peak} for k, (n, total, peak) in self._meta_totals.items()}
         return {"depth": len(self._entries), "peak_depth": self._peak, "capacity": self.capacity,
                 "puts": self._puts, "bytes_per_trajectory": self._bytes_per_trajectory,
-                "held_types": sorted(self._held_types)}
+                "bytes_per_step": self._bytes_per_step, "held_types": sorted(self._held_types), "meta": meta}

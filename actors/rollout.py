@@ -8,6 +8,10 @@ learner rank plus a small metadata dict (launch with `.options(num_returns=W + 1
     rollout(i, stage, W) -> (slice_0, ..., slice_{W-1}, meta)
     slice_r = {X_OLD: rows of rank r, X_CRIT: rows of rank r, META: meta}
 
+`meta` also carries what the rollout measured: its seconds, the bytes it made, its torch threads
+and its network calls (`nfe`: student calls of the generator rollout, `nfe_critic`: of the
+critic's rollout; each call is batched over the step's rows, so these are calls per trajectory).
+
 Before each rollout it loads the newest student version from the WeightStore if it is newer
 than the one it holds; the driver has already waited until that version is within the lag
 bound. A plain class; `ray.remote` is applied where it is launched.
@@ -46,6 +50,18 @@ def draws_to(d, device: torch.device):
                          if torch.is_tensor(getattr(d, f.name))})
 
 
+class CallCounter:
+    """A model function that counts its calls (each call is batched over a step's rows, so the count
+    is also the number of network evaluations per trajectory)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
 def device_for(gpus: float) -> torch.device:
     if gpus > 0 and not torch.cuda.is_available():
         raise RuntimeError("this actor was given GPUs but torch sees no CUDA device")
@@ -60,16 +76,16 @@ class RolloutWorker:
         self.device = device_for(gpus)
         self.student = AnyFlowTransformer3DModel.from_config(student_config).to(self.device).eval()
         self.student.requires_grad_(False)
-        self.u_fn = StudentFn(self.student)
+        self.u_fn = CallCounter(StudentFn(self.student))
         self.prompts = PromptRows(prompt_embeds.to(self.device), null_embed.to(self.device))
         self.num_rows = len(prompt_embeds)
         self.version = -1
 
     def pull(self) -> float:
-        """Load the newest student version if it is newer than ours; returns the seconds spent."""
+        """Load the newest student version if it is not the one we hold; returns the seconds spent."""
         t0 = time.perf_counter()
         version, refs = ray.get(self.store.latest.remote())
-        if version > self.version:
+        if version != self.version:  # newer, or older after a learner restart rewound the store
             self.student.load_state_dict(ray.get(refs[0]))
             self.version = version
         return time.perf_counter() - t0
@@ -84,13 +100,16 @@ class RolloutWorker:
         # 1. the step's draws, identical to the reference's
         gen, crit, _ = reference.stage2_draws(self.cfg, stage, step, self.num_rows, self.latent_shape)
         # 2. backward simulation without gradient: generator rollouts, then the critic's
+        self.u_fn.calls = 0
         x_old = reference.rollout(self.u_fn, self.prompts, draws_to(gen, self.device), self.cfg.model.shift,
                                   consistency, calls)
+        nfe = self.u_fn.calls
         x_crit = reference.rollout(self.u_fn, self.prompts, draws_to(crit, self.device), self.cfg.model.shift,
                                    consistency, calls)
         # 3. one compact slice per learner rank, tagged with the student version that made it
         meta = {"step": step, "num_steps": gen.num_steps, "k": gen.k, "student_version": self.version,
                 "created": time.time(), "rollout_seconds": time.perf_counter() - t0, "pull_seconds": pull_s,
-                "rows": x_old.shape[0], "bytes": T.nbytes(x_old, x_crit)}
+                "rows": x_old.shape[0], "bytes": T.nbytes(x_old, x_crit),
+                "nfe": nfe, "nfe_critic": self.u_fn.calls - nfe, "threads": torch.get_num_threads()}
         olds, crits = T.split_rows(x_old, num_learners), T.split_rows(x_crit, num_learners)
         return [{T.X_OLD: o, T.X_CRIT: k, T.META: meta} for o, k in zip(olds, crits)] + [meta]

@@ -7,8 +7,9 @@ The rollout slices arrive as top-level arguments, so Ray resolves them here (the
 besides the learners that reads trajectory bytes). The DMD noise level and noise are the
 step's generator draws (`reference.stage2_draws`), so the target is the reference's. The
 critic is pulled from the WeightStore (newest version) before scoring; its version tags the
-target. Launch with `.options(num_returns=W + 1)`; a plain class, `ray.remote` applied
-where it is launched.
+target. The metadata also carries the scorer's seconds, bytes, torch threads and network
+calls (`teacher_calls`, `critic_calls`: batched calls per step). Launch with
+`.options(num_returns=W + 1)`; a plain class, `ray.remote` applied where it is launched.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from actors import trajectory as T
-from actors.rollout import PromptRows, device_for, draws_to
+from actors.rollout import CallCounter, PromptRows, device_for, draws_to
 from pipeline import metrics as M
 from pipeline import reference
 from pipeline.config import Config
@@ -45,10 +46,10 @@ class Scorer:
         return WanTransformer3DModel.from_config(config).to(self.device).eval().requires_grad_(False)
 
     def pull(self) -> float:
-        """Load the newest critic version if it is newer than ours; returns the seconds spent."""
+        """Load the newest critic version if it is not the one we hold; returns the seconds spent."""
         t0 = time.perf_counter()
         version, refs = ray.get(self.store.latest.remote())
-        if version > self.version:
+        if version != self.version:  # newer, or older after a learner restart rewound the store
             self.critic.load_state_dict(ray.get(refs[1]))
             self.version = version
         return time.perf_counter() - t0
@@ -65,8 +66,10 @@ class Scorer:
         x_old = torch.cat([s[T.X_OLD] for s in rollout_slices]).to(self.device)
         _, cond = self.prompts.batch(gen.index)
         # 2. y = x_old - grad against the teacher (guided) and the critic snapshot
-        y, figs = losses.dmd_target(VelocityFn(self.teacher), VelocityFn(self.critic), x_old, cond,
-                                    self.prompts.null_embed, gen.s, gen.eps, c.real_guidance)
+        t_fn, c_fn = CallCounter(VelocityFn(self.teacher)), CallCounter(VelocityFn(self.critic))
+        y, figs = losses.dmd_target(t_fn, c_fn, x_old, cond, self.prompts.null_embed, gen.s, gen.eps, c.real_guidance)
         meta = {"step": step, "critic_version": self.version, "score_seconds": time.perf_counter() - t0,
-                "score_pull_seconds": pull_s, "bytes": T.nbytes(y), **{M.DMD_PREFIX + k: v for k, v in figs.items()}}
+                "score_pull_seconds": pull_s, "bytes": T.nbytes(y), "teacher_calls": t_fn.calls,
+                "critic_calls": c_fn.calls, "score_threads": torch.get_num_threads(),
+                **{M.DMD_PREFIX + k: v for k, v in figs.items()}}
         return [{T.Y: y_r, T.META: meta} for y_r in T.split_rows(y, len(rollout_slices))] + [meta]

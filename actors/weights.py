@@ -33,6 +33,9 @@ class WeightStore:
         self._changed: asyncio.Condition | None = None
         self._put_seconds = 0.0
         self._bytes_per_version = 0
+        self._published_at: dict[int, float] = {}
+        """version -> wall-clock time (time.time()) at which it was published"""
+        self._put_seconds_total = 0.0
 
     def _cond(self) -> asyncio.Condition:
         if self._changed is None:  # created on the actor's event loop, on first use
@@ -40,13 +43,18 @@ class WeightStore:
         return self._changed
 
     async def publish(self, version: int, student_state: dict, critic_state: dict,
-                      figures: dict | None = None) -> None:
-        """Hold version `version` (must be newer than the last); `figures` are those of step `version - 1`."""
-        if version <= self._version:
+                      figures: dict | None = None, rewind: bool = False) -> None:
+        """Hold version `version` (must be newer than the last); `figures` are those of step `version - 1`.
+        `rewind`: a restarted learner group goes back to `version`; newer versions are forgotten."""
+        if version <= self._version and not rewind:
             raise ValueError(f"version {version} is not newer than the held version {self._version}")
+        for newer in [v for v in self._refs if v >= version]:
+            del self._refs[newer]
         t0 = time.perf_counter()
         self._refs[version] = [ray.put(student_state), ray.put(critic_state)]
         self._put_seconds = time.perf_counter() - t0
+        self._put_seconds_total += self._put_seconds
+        self._published_at[version] = time.time()
         self._bytes_per_version = sum(t.numel() * t.element_size() for s in (student_state, critic_state)
                                       for t in s.values())
         for old in sorted(self._refs)[:-self.keep]:
@@ -90,5 +98,8 @@ class WeightStore:
         return self._result
 
     async def stats(self) -> dict:
+        """Newest and held versions, the last publish's `ray.put` seconds and bytes (student + critic
+        tensors), the total put seconds, and when each version was published (wall clock)."""
         return {"version": self._version, "held_versions": sorted(self._refs), "put_seconds": self._put_seconds,
-                "bytes_per_version": self._bytes_per_version}
+                "bytes_per_version": self._bytes_per_version, "put_seconds_total": self._put_seconds_total,
+                "publishes": len(self._published_at), "published_at": dict(self._published_at)}

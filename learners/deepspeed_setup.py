@@ -77,13 +77,14 @@ def wrap(model: torch.nn.Module, optim: OptimConfig, zero_stage: int, micro_batc
     return engine, ema
 
 
-def full_params(engine, zero_stage: int):
+def full_params(engine, zero_stage: int, modifier_rank: int | None = None):
     """Context in which `engine.module` holds every parameter in full; a collective under ZeRO-3
-    (every rank must enter it), nothing to do under ZeRO-2 (parameters are replicated)."""
+    (every rank must enter it), nothing to do under ZeRO-2 (parameters are replicated). With
+    `modifier_rank`, that rank's changes to the parameters are scattered back on exit."""
     if zero_stage < 3:
         return nullcontext()
     deepspeed = _deepspeed()
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=modifier_rank)
 
 
 def state_dict_of(engine) -> dict:

@@ -30,8 +30,6 @@ actors does not have (the read then waits forever).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import ray
 import torch
 import torch.distributed as dist
@@ -45,27 +43,8 @@ from pipeline.flowmap import losses
 from pipeline.flowmap.draws import slice_rows
 from pipeline.flowmap.models import StudentFn, VelocityFn
 from pipeline import metrics as M
+from pipeline.guard import StepGuard
 
-
-
-@dataclass
-class LearnerSetup:
-    """Everything a learner worker needs (passed through `train_loop_config`)."""
-
-    cfg: Config
-    stage: str
-    data_dir: str
-    null_embed: torch.Tensor
-    student_config: dict
-    critic_config: dict
-    init_refs: list
-    """[student state ref, critic state ref] of version 0"""
-    store: object
-    buffer: object
-    train_split: object
-    """the train split as a materialized Ray Data dataset (`read_train_split`)"""
-    threads: int = 1
-    use_gpu: bool = False
 
 
 def read_train_split(data_dir: str) -> "ray.data.MaterializedDataset":
@@ -91,6 +70,46 @@ def train_split_of(ds, data_dir: str, null_embed: torch.Tensor) -> reference.Tra
     return reference.TrainData(split.latents, split.prompt_embeds, null_embed.reshape(1, *null_embed.shape[-2:]))
 
 
+class Nets:
+    """Builds the session's networks from their diffusers configs (a configured teacher folder may
+    differ from the `model.size` preset, so the configs travel, not the size name)."""
+
+    def __init__(self, teacher_config: dict):
+        from pipeline.flowmap.models import student_arch
+
+        self.teacher_config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+        self.student_config = student_arch(self.teacher_config)
+
+    def teacher(self, state: dict | None = None) -> torch.nn.Module:
+        from diffusers import WanTransformer3DModel
+
+        return self._load(WanTransformer3DModel(**self.teacher_config), state)
+
+    def student(self, state: dict | None = None) -> torch.nn.Module:
+        from diffusers import AnyFlowTransformer3DModel
+
+        return self._load(AnyFlowTransformer3DModel(**self.student_config), state)
+
+    @staticmethod
+    def _load(model: torch.nn.Module, state: dict | None) -> torch.nn.Module:
+        if state is not None:
+            model.load_state_dict(state)
+        return model
+
+
+def guarded_step(engine, loss: torch.Tensor, guard) -> bool:
+    """Backward and step through DeepSpeed; True if the update was applied. DeepSpeed itself skips
+    a step whose global gradient norm is not finite (weights, optimiser state and schedule are
+    left alone, on every rank alike); the guard (pipeline/guard.py) counts it and, after
+    run.max_bad_steps in a row, aborts the run. Call `guard.check(loss, ...)` first for the reason."""
+    engine.backward(loss)
+    engine.step()
+    ok = bool(engine.was_step_applied())
+    if not ok:
+        guard.check_grad_norm(engine.get_global_grad_norm())
+    return ok
+
+
 def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
@@ -111,38 +130,47 @@ class OnDevice:
 
 
 class OnPolicyLearner:
-    """One rank's student and critic engines and its step."""
+    """One rank's student and critic engines and its on-policy step."""
 
-    def __init__(self, s: LearnerSetup, data: reference.TrainData, rank: int, world: int, device: torch.device):
-        from diffusers import AnyFlowTransformer3DModel, WanTransformer3DModel
+    def __init__(self, cfg: Config, stage: str, data: OnDevice, rank: int, world: int, device: torch.device,
+                 store, buffer, nets: "Nets", student_state: dict, critic_state: dict):
 
         from learners import deepspeed_setup as ds
 
-        self.s, self.data, self.rank, self.world = s, OnDevice(data, device), rank, world
-        self.device = device
-        self.c = getattr(s.cfg, s.stage)
-        self.zero = s.cfg.ray.zero_stage
-        student_state, critic_state = ray.get(list(s.init_refs))
-        student = AnyFlowTransformer3DModel.from_config(s.student_config)
-        student.load_state_dict(student_state)
-        critic = WanTransformer3DModel.from_config(s.critic_config)
-        critic.load_state_dict(critic_state)
+        self.cfg, self.stage, self.data, self.rank, self.world = cfg, stage, data, rank, world
+        self.store, self.buffer, self.device = store, buffer, device
+        self.c = getattr(cfg, stage)
+        self.zero = cfg.ray.zero_stage
+        student, critic = nets.student(student_state), nets.teacher(critic_state)
         student, critic = student.to(device), critic.to(device)
         micro = self.c.batch_size // world
         self.student, self.ema = ds.wrap(student, self.c.optim, self.zero, micro, keep_ema=rank == 0)
         self.critic, _ = ds.wrap(critic, self.c.critic_optim, self.zero, micro, keep_ema=False)
         self.u_fn, self.c_fn = StudentFn(self.student), VelocityFn(self.critic)
-        self.settings, self.calls = reference.stage1_settings(s.cfg), reference.grad_calls_of(self.c)
+        self.settings, self.calls = reference.stage1_settings(cfg), reference.grad_calls_of(self.c)
         self.rows = T.rank_rows(self.c.batch_size, world, rank)
+        self.guard = StepGuard(f"{stage} student", cfg.run.max_bad_steps)
+        self.critic_guard = StepGuard(f"{stage} critic", cfg.run.max_bad_steps,
+                                      (M.CRITIC_SKIPPED_STEPS, M.CRITIC_BAD_IN_A_ROW))
         self._ds = ds
 
+    def trainables(self) -> dict:
+        """The networks a checkpoint of this stage holds (learners.checkpoint)."""
+        from learners.checkpoint import Trainable
+
+        x = torch.zeros(1, *self.data.latent_shape, device=self.device)
+        cond = self.data.null_embed[:1]
+        t = torch.full((1,), 0.5, device=self.device)
+        return {"student": Trainable(self.student, self.ema, lambda: self.u_fn(x, t, t, cond)),
+                "critic": Trainable(self.critic, None, lambda: self.c_fn(x, t, t, cond))}
+
     def _take(self, step: int) -> tuple[dict, dict]:
-        rollout_ref, target_ref = ray.get(self.s.buffer.take.remote(step, self.rank))
+        rollout_ref, target_ref = ray.get(self.buffer.take.remote(step, self.rank))
         return tuple(ray.get([rollout_ref, target_ref]))
 
     def step(self, step: int) -> dict:
         """One generator step and one critic step (ALGORITHM.md, stage 2, decoupled form)."""
-        cfg, c, data, stage = self.s.cfg, self.c, self.data, self.s.stage
+        cfg, c, data, stage = self.cfg, self.c, self.data, self.stage
         t0 = time.perf_counter()
         # 1. this rank's slices of the step's rollout and target
         rollout, target = self._take(step)
@@ -159,24 +187,28 @@ class OnPolicyLearner:
             loss_co, _ = losses.forward_flowmap_loss(self.u_fn, x, cond_co, data.null_embed, co.t, co.r, co.eps,
                                                      self.settings, all_reduce=_sum_over_ranks)
             loss = loss + c.cotrain_weight * loss_co
-        self.student.backward(loss)
-        self.student.step()
+        self.guard.check(loss, y=target[T.Y])
+        ok = guarded_step(self.student, loss, self.guard)
         norm = float(self.student.get_global_grad_norm() or 0.0)
         # 4. student EMA (rank 0), then the critic: flow matching on the buffered critic rollouts
-        with self._ds.full_params(self.student, self.zero):
-            if self.ema is not None:
-                self.ema.update(self.student.module, step)
+        if ok:
+            with self._ds.full_params(self.student, self.zero):
+                if self.ema is not None:
+                    self.ema.update(self.student.module, step)
+        guard_figures = self.guard.record(step, ok)
         _, cond_c = data.batch(crit.index)
-        loss_critic = losses.flow_matching_loss(self.c_fn, rollout[T.X_CRIT].to(self.device), cond_c, crit.s, crit.eps)
-        self.critic.backward(loss_critic)
-        self.critic.step()
+        x_crit = rollout[T.X_CRIT].to(self.device)
+        loss_critic = losses.flow_matching_loss(self.c_fn, x_crit, cond_c, crit.s, crit.eps)
+        self.critic_guard.check(loss_critic, x_crit=x_crit)
+        ok_critic = guarded_step(self.critic, loss_critic, self.critic_guard)
+        guard_figures.update(self.critic_guard.record(step, ok_critic))
         # 5. the global figures (losses averaged over ranks)
         means = _sum_over_ranks(torch.stack([loss_dmd, loss_co, loss, loss_critic]).detach().float()) / self.world
         return {M.LOSS_DMD: float(means[0]), M.LOSS_COTRAIN: float(means[1]), M.LOSS_STUDENT: float(means[2]),
                 M.LOSS_CRITIC: float(means[3]), M.GRAD_NORM_STUDENT: norm, M.WAIT_SECONDS: t1 - t0,
-                M.LEARNER_SECONDS: time.perf_counter() - t1}
+                M.LEARNER_SECONDS: time.perf_counter() - t1, **guard_figures}
 
-    def publish(self, version: int) -> float:
+    def publish(self, version: int, rewind: bool = False) -> float:
         """Version `version` to the WeightStore (every rank joins the gathers, rank 0 sends); its seconds."""
         t0 = time.perf_counter()
         with self._ds.full_params(self.student, self.zero):
@@ -184,41 +216,18 @@ class OnPolicyLearner:
         with self._ds.full_params(self.critic, self.zero):
             critic = self._ds.state_dict_of(self.critic) if self.rank == 0 else None
         if self.rank == 0:
-            ray.get(self.s.store.publish.remote(version, student, critic))
+            ray.get(self.store.publish.remote(version, student, critic, rewind=rewind))
         return time.perf_counter() - t0
 
     def report(self, step: int, figures: dict) -> None:
         """The step's figures to the WeightStore, for the driver's log (rank 0; not waited for)."""
         if self.rank == 0:
-            self.s.store.report.remote(step, figures)
+            self.store.report.remote(step, figures)
 
-    def finish(self) -> None:
-        """The stage's result: rank 0 sends the student EMA and the critic."""
+    def result(self) -> tuple[dict, dict] | None:
+        """(student EMA, critic) state dicts on rank 0 (every rank joins the gather), None elsewhere."""
         with self._ds.full_params(self.critic, self.zero):
             critic = self._ds.state_dict_of(self.critic) if self.rank == 0 else None
-        if self.rank == 0:
-            ema = {k: v.detach().to("cpu", copy=True) for k, v in self.ema.state_dict().items()}
-            ray.get(self.s.store.finish.remote(ema, critic))
-
-
-def train_loop(config: dict) -> None:
-    """The Ray Train worker function: build, then `steps` on-policy steps, then the result."""
-    s: LearnerSetup = config["setup"]
-    torch.set_num_threads(max(1, s.threads))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if s.use_gpu:
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cpu")
-    data = train_split_of(s.train_split, s.data_dir, s.null_embed)
-    learner = OnPolicyLearner(s, data, rank, world, device)
-    last = time.perf_counter()
-    for step in range(getattr(s.cfg, s.stage).steps):
-        figures = learner.step(step)
-        figures[M.SYNC_SECONDS] = learner.publish(step + 1)
-        now = time.perf_counter()
-        figures[M.STEP_SECONDS], last = now - last, now
-        learner.report(step, figures)
-    learner.finish()
+        if self.rank != 0:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.ema.state_dict().items()}, critic

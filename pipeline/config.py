@@ -43,12 +43,22 @@ class RunConfig:
     """track the run in MLflow (config as params, per-step metrics, eval, artifacts)"""
     tracking_uri: str = ""
     """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else SQLite under output_dir"""
+    checkpoint_every: int = 100
+    """learner checkpoint every this many steps of a stage, and at each stage's end (0: only at the end)"""
+    checkpoints_kept: int = 2
+    """newest learner checkpoints kept by Ray Train"""
+    learner_restarts: int = 1
+    """times Ray Train restarts a failed learner group from the newest checkpoint before the run fails"""
+    max_bad_steps: int = 5
+    """bad training steps (non-finite loss, gradient norm or batch) in a row, each skipped, before the run aborts (exit status 3)"""
 
 
 @dataclass
 class DataConfig:
     path: str = ""
     """dataset folder in the project's Parquet schema; empty: the toy world, made under <output_dir>/data"""
+    validate: str = "full"
+    """check of data.path before any work: "full" (every row: shapes, finite values, unique ids) or "schema" (dataset.json, every shard's columns, types and row counts; rows are checked when read)"""
     toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     """the toy world (used when `path` is empty)"""
     cond_dropout: float = 0.1
@@ -224,6 +234,7 @@ class Config:
 
 STAGES = ("teacher", "stage1", "stage2", "consistency", "eval", "export")
 GRAD_CALLS = ("shortcut_in", "real_step", "shortcut_out")
+DATA_CHECKS = ("full", "schema")
 
 
 def _require(ok: bool, key: str, msg: str) -> None:
@@ -239,7 +250,12 @@ def _validate(cfg: Config) -> None:
     for s in cfg.run.stages:
         _require(s in STAGES, "run.stages", f"unknown stage {s!r}; choose from {list(STAGES)}")
     _require(cfg.run.threads >= 0, "run.threads", "must be >= 0")
+    _require(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0: only at each stage's end)")
+    _require(cfg.run.checkpoints_kept >= 1, "run.checkpoints_kept", "must be >= 1")
+    _require(cfg.run.learner_restarts >= 0, "run.learner_restarts", "must be >= 0")
+    _require(cfg.run.max_bad_steps >= 1, "run.max_bad_steps", "must be >= 1")
     _require(0 <= cfg.data.cond_dropout < 1, "data.cond_dropout", "must be in [0, 1)")
+    _require(cfg.data.validate in DATA_CHECKS, "data.validate", f"choose from {list(DATA_CHECKS)}")
     _require(cfg.model.size in SIZE_PRESETS, "model.size", f"unknown size; choose from {sorted(SIZE_PRESETS)}")
     _require(cfg.model.shift > 0, "model.shift", "must be > 0")
     for name in ("teacher", "stage1", "stage2", "consistency"):
@@ -289,7 +305,7 @@ def _check_ray(cfg: Config) -> None:
     _require(r.buffer_capacity >= 1, "ray.buffer_capacity", "must be >= 1 step of rollouts")
     _require(r.zero_stage in (2, 3), "ray.zero_stage", "DeepSpeed ZeRO stage must be 2 or 3")
     if r.backend == "ray":
-        for name in ("stage2", "consistency"):
+        for name in ("teacher", "stage1", "stage2", "consistency"):
             b = getattr(cfg, name).batch_size
             _require(b % r.learners == 0, f"{name}.batch_size",
                      f"{b} rows do not split evenly over ray.learners={r.learners}; use a multiple of it")

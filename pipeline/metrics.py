@@ -28,6 +28,8 @@ DMD_PREFIX = "dmd/"
 """DMD diagnostics (`dmd/<name>`, from losses.dmd_generator_loss / the scorer)"""
 ROLLOUT_NUM_STEPS = "rollout/num_steps"
 ROLLOUT_K = "rollout/k"
+ROLLOUT_NFE = "rollout/nfe"
+"""student network calls per trajectory of a rollout actor's backward simulation (its metadata's `nfe`)"""
 # pipeline figures (Ray)
 LAG_MEAN = "rollout/lag_mean"
 LAG_MAX = "rollout/lag_max"
@@ -40,6 +42,15 @@ WAIT_SECONDS = "learner/wait_seconds"
 LEARNER_SECONDS = "learner/seconds"
 SYNC_SECONDS = "sync/seconds"
 STEP_SECONDS = "time/step_seconds"
+LEARNER_RESTARTS = "faults/learner_restarts"
+"""learner groups restored by Ray Train from a checkpoint (counted by the driver, per stage)"""
+ACTOR_RESTARTS = "faults/actor_restarts"
+"""rollout and scorer actors restarted by Ray after they died (per stage)"""
+# bad steps (pipeline/guard.py): skipped steps in all and bad steps in a row, per trained network
+SKIPPED_STEPS = "train/skipped_steps"
+BAD_IN_A_ROW = "train/bad_in_a_row"
+CRITIC_SKIPPED_STEPS = "train/critic_skipped_steps"
+CRITIC_BAD_IN_A_ROW = "train/critic_bad_in_a_row"
 
 _PROGRESS_KEYS = (LOSS_TEACHER, LOSS_STAGE1, LOSS_STUDENT, LOSS_DMD, LOSS_CRITIC, LAG_MAX, BUFFER_DEPTH)
 

@@ -24,7 +24,6 @@ i - v is at most L. With L = 0 every step is the reference's (pipeline/reference
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,46 +35,12 @@ from actors.buffer import ReplayBuffer
 from actors.rollout import RolloutWorker
 from actors.scorer import Scorer
 from actors.weights import WeightStore
-from learners.onpolicy import LearnerSetup, read_train_split, train_loop, train_split_of
 from pipeline import metrics as M
-from pipeline.config import Config, RayConfig
-from pipeline.data.schema import read_null_embed
+from pipeline.config import Config
+from pipeline.distributed import ClusterTooSmall, FitThread, _result, train_session, wait  # noqa: F401
 from pipeline.reference import Log
 
 POLL_S = 0.5
-
-
-class ClusterTooSmall(RuntimeError):
-    """The configured pools ask for more CPUs or GPUs than the Ray cluster has."""
-
-
-def check_resources(rc: RayConfig) -> None:
-    """Fail now, naming what was asked and what exists, if the pools cannot all be placed."""
-    pools = {"rollout actor": (rc.rollout_actors, rc.rollout_cpus, rc.rollout_gpus),
-             "scorer": (rc.scorer_actors, rc.scorer_cpus, rc.scorer_gpus),
-             "learner": (rc.learners, rc.learner_cpus, rc.learner_gpus)}
-    need_cpu = sum(n * c for n, c, _ in pools.values())
-    need_gpu = sum(n * g for n, _, g in pools.values())
-    have = ray.cluster_resources()
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    node_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
-    node_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
-    problems = []
-    if need_cpu > have.get("CPU", 0.0) + 1e-9:
-        problems.append(f"{need_cpu:g} CPUs in all")
-    if need_gpu > have.get("GPU", 0.0) + 1e-9:
-        problems.append(f"{need_gpu:g} GPUs in all")
-    for name, (_, c, g) in pools.items():
-        if c > node_cpu + 1e-9 or g > node_gpu + 1e-9:
-            problems.append(f"{c:g} CPUs + {g:g} GPUs in one {name}, more than any node has")
-    if problems:
-        asked = " + ".join(f"{n} {name}{'s' if n > 1 else ''} x ({c:g} CPU, {g:g} GPU)"
-                           for name, (n, c, g) in pools.items())
-        raise ClusterTooSmall(
-            f"the on-policy stage asks for {asked}: "
-            f"{'; '.join(problems)}; the cluster has {have.get('CPU', 0.0):g} CPUs and {have.get('GPU', 0.0):g} "
-            f"GPUs (largest node: {node_cpu:g} CPUs, {node_gpu:g} GPUs). Lower ray.*_cpus, ray.*_gpus or the "
-            f"pool sizes (ray.rollout_actors, ray.scorer_actors, ray.learners), or join a bigger cluster (ray.address)")
 
 
 @dataclass
@@ -98,11 +63,11 @@ def _threads(cpus: float) -> int:
 
 def launch_fleet(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module, prompt_embeds: torch.Tensor,
                  null_embed: torch.Tensor, latent_shape: tuple[int, ...]) -> Fleet:
-    """The weight store (holding version 0), the buffer, the rollout and scorer pools."""
+    """The weight store (empty: the learners publish the first version), the buffer, the rollout and
+    scorer pools."""
     rc = cfg.ray
     store = ray.remote(WeightStore).options(num_cpus=0).remote(keep=rc.max_policy_lag + 2)
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(rc.buffer_capacity, rc.learners)
-    ray.get(store.publish.remote(0, student.state_dict(), teacher.state_dict()))
     embeds, teacher_state = ray.put(prompt_embeds), ray.put(teacher.state_dict())
     rollouts = [ray.remote(RolloutWorker).options(num_cpus=rc.rollout_cpus, num_gpus=rc.rollout_gpus).remote(
         cfg, store, dict(student.config), embeds, null_embed, latent_shape, _threads(rc.rollout_cpus),
@@ -113,52 +78,6 @@ def launch_fleet(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module
     return Fleet(store, buffer, rollouts, scorers)
 
 
-class _FitThread(threading.Thread):
-    """`trainer.fit()` in the background; its error, if any, is re-raised by the driver loop."""
-
-    def __init__(self, trainer):
-        super().__init__(name="onpolicy-learners", daemon=True)
-        self.trainer, self.error = trainer, None
-
-    def run(self) -> None:
-        try:
-            self.trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread
-            self.error = exc
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"the learners failed: {self.error}") from self.error
-
-
-def make_trainer(cfg: Config, stage: str, setup: LearnerSetup):
-    """The Ray Train TorchTrainer of the learner pool (DeepSpeed inside `train_loop`)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from learners.deepspeed_setup import dist_backend
-
-    rc = cfg.ray
-    use_gpu = rc.learner_gpus > 0
-    resources = {"CPU": rc.learner_cpus, **({"GPU": rc.learner_gpus} if use_gpu else {})}
-    env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
-    return TorchTrainer(
-        train_loop, train_loop_config={"setup": setup},
-        torch_config=TorchConfig(backend=dist_backend(use_gpu)),
-        scaling_config=ScalingConfig(num_workers=rc.learners, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"{cfg.run.name}-{stage}", storage_path=str((cfg.run_dir / "ray_train").resolve()),
-                             failure_config=FailureConfig(max_failures=0), worker_runtime_env={"env_vars": env}))
-
-
-def _wait(ref: ray.ObjectRef, fit: _FitThread):
-    """`ray.get(ref)`, but raise at once if the learners fail meanwhile."""
-    while True:
-        ready, _ = ray.wait([ref], timeout=POLL_S)
-        if ready:
-            return ray.get(ref)
-        fit.check()
-
-
 class StepLog:
     """Joins, per step, the rollout/scorer metadata, the buffer depth and the learner figures.
 
@@ -167,13 +86,14 @@ class StepLog:
     actor makes a step's whole batch with one version, so today they are equal.
     """
 
-    def __init__(self, stage: str, steps: int, store, log: Log):
+    def __init__(self, stage: str, steps: int, store, log: Log, start: int = 0):
         self.stage, self.steps, self.store, self.log = stage, steps, store, log
         self.pending: dict[int, tuple] = {}
-        self.next = 0
+        self.next = start
 
     def add(self, step: int, rollout_meta: ray.ObjectRef, score_meta: ray.ObjectRef, depth: int) -> None:
-        self.pending[step] = (rollout_meta, score_meta, depth)
+        if step >= self.next:  # after a rewind, steps logged already are not logged again
+            self.pending[step] = (rollout_meta, score_meta, depth)
 
     def flush(self) -> None:
         """Log every step, in order, whose learner figures have arrived."""
@@ -194,23 +114,26 @@ class StepLog:
             self.next += 1
 
 
-def drive(cfg: Config, stage: str, fleet: Fleet, fit: _FitThread, log: Log) -> None:
-    """The driver loop: paced submission of every step's rollout and scoring, refs into the buffer."""
+def drive(cfg: Config, stage: str, fleet: Fleet, fit: FitThread, log: Log, start: int = 0,
+          steps: StepLog | None = None) -> None:
+    """The driver loop from step `start`: paced submission of every step's rollout and scoring, refs
+    into the buffer, the learners' figures logged as they arrive (through `steps`, which outlives a
+    rewind so no step is logged twice)."""
     c, rc = getattr(cfg, stage), cfg.ray
     world = rc.learners
-    steps = StepLog(stage, c.steps, fleet.store, log)
-    for i in range(c.steps):
+    steps = steps or StepLog(stage, c.steps, fleet.store, log, start)
+    for i in range(start, c.steps):
         # 1. the lag bound: the newest published version must be >= i - max_policy_lag
-        _wait(fleet.store.wait_for.remote(i - rc.max_policy_lag), fit)
+        wait(fleet.store.wait_for.remote(i - rc.max_policy_lag), fit)
         # 2. pacing: wait for room in the buffer (rollouts are never dropped)
-        _wait(fleet.buffer.wait_room.remote(), fit)
+        wait(fleet.buffer.wait_room.remote(), fit)
         # 3-4. rollout, then scoring, each returning one slice per learner rank plus metadata
         *slices, rollout_meta = fleet.rollouts[i % len(fleet.rollouts)].rollout.options(
             num_returns=world + 1).remote(i, stage, world)
         *targets, score_meta = fleet.scorers[i % len(fleet.scorers)].score.options(
             num_returns=world + 1).remote(i, stage, *slices)
         # 5. refs (wrapped in lists, so they stay refs) and metadata into the buffer
-        depth = _wait(fleet.buffer.put.remote(i, [[s, t] for s, t in zip(slices, targets)],
+        depth = wait(fleet.buffer.put.remote(i, [[s, t] for s, t in zip(slices, targets)],
                                               {"step": i, "rows": c.batch_size}, [rollout_meta, score_meta]), fit)
         steps.add(i, rollout_meta, score_meta, depth)
         # 6. log what the learners have finished
@@ -226,15 +149,6 @@ def drive(cfg: Config, stage: str, fleet: Fleet, fit: _FitThread, log: Log) -> N
         steps.flush()
 
 
-def read_data(data_dir: str | Path):
-    """(train split as a materialized Ray Data dataset, its prompt embeddings, null embedding (1, L, D),
-    latent shape). Read before the pools are placed: Ray Data's file listing needs a free CPU."""
-    data_dir = str(Path(data_dir).resolve())
-    ds = read_train_split(data_dir)
-    split = train_split_of(ds, data_dir, read_null_embed(data_dir))
-    return ds, split.prompt_embeds, split.null_embed, split.latent_shape
-
-
 @dataclass
 class Result:
     student: torch.nn.Module
@@ -246,47 +160,12 @@ class Result:
     """WeightStore.stats(): last version, bytes per version"""
 
 
-def train_stage2(cfg: Config, stage: str, student: torch.nn.Module, teacher: torch.nn.Module,
-                 data_dir: str | Path, log: Log) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """On-policy distillation (`stage2`) or the consistency baseline on Ray; returns (student EMA, critic)
-    like `reference.train_stage2`."""
-    result = run(cfg, stage, student, teacher, data_dir, log)
-    return result.student, result.critic
-
-
 def run(cfg: Config, stage: str, student: torch.nn.Module, teacher: torch.nn.Module,
         data_dir: str | Path, log: Log) -> Result:
-    """The stage on Ray, with the buffer's and store's statistics. Joins the running Ray
-    (or `ray.address`, or starts a local one); fails at once if the cluster is too small."""
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None)
-    check_resources(cfg.ray)
-    c = getattr(cfg, stage)
-    if c.batch_size % cfg.ray.learners:
-        raise ValueError(f"{stage}.batch_size={c.batch_size} does not split over ray.learners={cfg.ray.learners}")
-    train_split, prompt_embeds, null_embed, latent_shape = read_data(data_dir)
-    fleet = launch_fleet(cfg, student, teacher, prompt_embeds, null_embed, latent_shape)
-    fit = None
-    try:
-        _, init_refs = ray.get(fleet.store.latest.remote())
-        setup = LearnerSetup(cfg, stage, str(Path(data_dir).resolve()), null_embed, dict(student.config),
-                             dict(teacher.config), init_refs, fleet.store, fleet.buffer, train_split,
-                             threads=_threads(cfg.ray.learner_cpus), use_gpu=cfg.ray.learner_gpus > 0)
-        fit = _FitThread(make_trainer(cfg, stage, setup))
-        fit.start()
-        drive(cfg, stage, fleet, fit, log)
-        fit.join()
-        fit.check()
-        ema_state, critic_state = ray.get(ray.get(fleet.store.result.remote()))
-        buffer_stats, store_stats = ray.get([fleet.buffer.stats.remote(), fleet.store.stats.remote()])
-        return Result(_loaded(student, ema_state), _loaded(teacher, critic_state), buffer_stats, store_stats)
-    finally:
-        fleet.kill()
-        if fit is not None:
-            fit.join(timeout=60)
-
-
-def _loaded(like: torch.nn.Module, state: dict) -> torch.nn.Module:
-    model = type(like).from_config(like.config)
-    model.load_state_dict(state)
-    return model.eval().requires_grad_(False)
+    """One on-policy stage on Ray from a given stage-1 student and teacher, with the buffer's and
+    store's statistics (the tests' and the benchmark's entry; runs use `distributed.train_session`).
+    Always starts fresh: earlier checkpoints of the run name are forgotten."""
+    out = train_session(cfg, [stage], {"student_stage1": student, "teacher": teacher}, data_dir, log, fresh=True)
+    stats = out.stats[stage]
+    student_key = "student" if stage == "stage2" else "consistency"
+    return Result(out.nets[student_key], out.nets[f"critic_{stage}"], stats["buffer"], stats["store"])

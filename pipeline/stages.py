@@ -20,9 +20,10 @@ import torch
 
 from pipeline import reference, sampling
 from pipeline.config import Config, save_config
-from pipeline.data.schema import read_meta, read_null_embed, read_split
+from pipeline.data.schema import DatasetError, read_meta, read_null_embed, read_split, validate_dataset
 from pipeline.data.toy import make_toy_dataset
 from pipeline.flowmap import models
+from pipeline.guard import InputError
 from pipeline.evaluate import format_table
 from pipeline.metrics import MetricsLog
 from pipeline.tracking import Tracker, run_artifacts
@@ -53,26 +54,76 @@ class RunState:
 
 
 def prepare_data(cfg: Config) -> Path:
-    """The dataset folder: the configured one (validated on read) or the toy world, made once."""
+    """The dataset folder: the configured one (checked, see `check_dataset`) or the toy world,
+    made once (a cached toy dataset is fully validated before it is reused)."""
     if cfg.data.path:
-        read_meta(cfg.data.path)  # clear error now if it is not a dataset
+        try:
+            check_dataset(cfg.data.path, cfg.data.validate)
+        except DatasetError as exc:
+            raise InputError(f"data.path: {exc}") from None
         return Path(cfg.data.path)
     t = cfg.data.toy
     name = f"toy-{t.frames}x{t.channels}x{t.height}x{t.width}-n{t.num_train}-s{t.seed}"
     return make_toy_dataset(Path(cfg.run.output_dir) / "data" / name, t)
 
 
-def check_data_fits_model(cfg: Config, data_dir: Path) -> None:
-    """Latent channels and prompt-embedding width of the dataset must match the model."""
-    meta = read_meta(data_dir)
-    arch = models.arch_config(cfg.model.size)
-    channels, width = int(meta["latent_shape"][1]), int(meta["embed_shape"][1])
+def check_dataset(folder: str | Path, mode: str = "full") -> dict:
+    """Check a dataset folder before any work; returns its dataset.json or raises DatasetError.
+
+    "full": `validate_dataset` (every row of every file; about 0.4 s for the default toy world,
+    one read of the whole dataset in general). "schema": dataset.json, the null prompt, and
+    every shard's Parquet footer (readable, required columns with their Arrow types, row counts
+    adding up to dataset.json's), without reading the rows.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.schema import SHARD_GLOB, SPLITS, shard_paths, validate_batch
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if mode == "full":
+        validate_dataset(folder)
+        return meta
+    for split in SPLITS:
+        paths, rows = shard_paths(folder, split), 0
+        if not paths:
+            raise DatasetError(f"{folder / split}: empty split (no {SHARD_GLOB} files)")
+        for path in paths:
+            try:
+                pf = pq.ParquetFile(path)
+                empty = pf.schema_arrow.empty_table()
+            except (pa.ArrowException, OSError) as exc:
+                raise DatasetError(f"{path}: not a readable Parquet file ({exc})".replace("\n", " ")) from None
+            validate_batch(empty, meta["latent_shape"], meta["embed_shape"], where=str(path))
+            rows += pf.metadata.num_rows
+        if rows != meta["num_rows"][split]:
+            raise DatasetError(f"{folder / split}: {rows} rows in shards, {folder / 'dataset.json'} says "
+                               f"{meta['num_rows'][split]}")
+    read_null_embed(folder)
+    return meta
+
+
+def _fits(what: str, arch: dict, meta: dict, data_dir: Path, hint: str = "") -> None:
+    """The dataset's latent channels, prompt width and frame size must fit a model config."""
+    frames, channels, height, width = (int(v) for v in meta["latent_shape"])
+    text = int(meta["embed_shape"][1])
     if channels != arch["in_channels"]:
-        raise ValueError(f"dataset {data_dir} has {channels} latent channels but model.size={cfg.model.size} "
-                         f"expects {arch['in_channels']}")
-    if width != arch["text_dim"]:
-        raise ValueError(f"dataset {data_dir} has prompt embeddings of width {width} but model.size="
-                         f"{cfg.model.size} expects text_dim {arch['text_dim']} (set data.toy.embed_dim)")
+        raise InputError(f"dataset {data_dir} has {channels} latent channels but {what} expects "
+                         f"{arch['in_channels']}")
+    if text != arch["text_dim"]:
+        raise InputError(f"dataset {data_dir} has prompt embeddings of width {text} but {what} expects "
+                         f"text_dim {arch['text_dim']}{hint}")
+    patch = tuple(arch.get("patch_size") or (1, 1, 1))
+    if any(n % p for n, p in zip((frames, height, width), patch)):
+        raise InputError(f"dataset {data_dir} has latents of {frames}x{height}x{width} (frames x height x width), "
+                         f"not divisible by the patch size {list(patch)} of {what}")
+
+
+def check_data_fits_model(cfg: Config, data_dir: Path) -> None:
+    """Latent channels, prompt-embedding width and frame size of the dataset must fit the model."""
+    _fits(f"model.size={cfg.model.size}", models.arch_config(cfg.model.size), read_meta(data_dir), data_dir,
+          " (set data.toy.embed_dim)" if not cfg.data.path else "")
 
 
 def _done(folder: Path) -> bool:
@@ -88,19 +139,107 @@ def _save(model: torch.nn.Module, folder: Path) -> None:
     tmp.rename(folder)
 
 
+def _source(cfg: Config, run_dir: Path, key: str) -> Path | None:
+    """The folder the network `key` is loaded from (the configured teacher folder, or a finished
+    stage's folder in the run); None if there is none (it must be trained)."""
+    if key == "teacher" and cfg.model.teacher_path:
+        return Path(cfg.model.teacher_path)
+    folder = run_dir / NET_FOLDERS[key]
+    return folder if _done(folder) else None
+
+
+def _load_checked(cfg: Config, run_dir: Path, key: str) -> torch.nn.Module:
+    """Load the network `key` from its `_source`; any problem is an InputError naming the folder."""
+    folder = _source(cfg, run_dir, key)
+    expect = "WanTransformer3DModel" if key == "teacher" else "AnyFlowTransformer3DModel"
+    if key == "teacher" and cfg.model.teacher_path:
+        what, fix = "model.teacher_path", ""
+    else:
+        what, fix = f"the finished {key} model of the run", f" (delete {folder} to train it again)"
+    try:
+        return models.load_transformer(folder, expect=expect)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{what}: {str(exc).strip()}{fix}") from None
+
+
+STAGE_OUTPUT = {"teacher": "teacher", "stage1": "student_stage1", "stage2": "student", "consistency": "consistency"}
+"""training stage -> the network it makes"""
+STAGE_INPUTS = {"teacher": (), "stage1": ("teacher",), "stage2": ("student_stage1", "teacher"),
+                "consistency": ("student_stage1", "teacher")}
+"""training stage -> the networks it needs when it trains"""
+
+
+def networks_to_load(cfg: Config, run_dir: Path) -> list[str]:
+    """The networks the configured stages will load from folders, in order of first use.
+
+    Follows what the stages do: a training stage whose result is there loads it, otherwise it
+    trains and needs its inputs; eval loads every network there is (the teacher is required);
+    export loads the stage-2 student, else the stage-1 one. Raises InputError if a stage needs a
+    network that is neither there nor made by an earlier stage of the run.
+    """
+    there = {k for k in NET_FOLDERS if _source(cfg, run_dir, k) is not None}
+    made: set[str] = set()
+    out: list[str] = []
+
+    def need(stage: str, key: str, required: bool = True) -> None:
+        if key in there and key not in made:
+            if key not in out:
+                out.append(key)
+        elif key not in made and required:
+            maker = next(s for s, k in STAGE_OUTPUT.items() if k == key)
+            how = " or point model.teacher_path at one" if key == "teacher" else ""
+            raise InputError(f"run.stages: {stage} needs the {key} model, which is neither in {run_dir} nor "
+                             f"made by an earlier stage of run.stages={cfg.run.stages} (add {maker} before "
+                             f"{stage}{how})")
+
+    for stage in cfg.run.stages:
+        if stage in STAGE_OUTPUT:
+            key = STAGE_OUTPUT[stage]
+            if key in there or key in made:
+                need(stage, key)
+            else:
+                for dep in STAGE_INPUTS[stage]:
+                    need(stage, dep)
+                made.add(key)
+        elif stage == "eval":
+            need(stage, "teacher")
+            for key in NET_FOLDERS:
+                need(stage, key, required=False)
+        elif stage == "export":
+            key = "student" if ("student" in there or "student" in made) else "student_stage1"
+            if key not in there and key not in made:
+                raise InputError(f"run.stages: export needs a trained student: add stage1 or stage2 to "
+                                 f"run.stages={cfg.run.stages}")
+            need(stage, key)
+    return out
+
+
+def preflight(cfg: Config) -> tuple[Path, dict[str, torch.nn.Module]]:
+    """Check everything the run will read, before any work: the dataset (`check_dataset`; the toy
+    world is made here), that it fits model.size, and every model folder the stages will load
+    (the teacher folder, finished stages of the run), which must load as the expected class and
+    fit the dataset. Returns (dataset folder, the loaded networks); raises InputError."""
+    data_dir = prepare_data(cfg)
+    meta = read_meta(data_dir)
+    check_data_fits_model(cfg, data_dir)
+    nets = {}
+    for key in networks_to_load(cfg, cfg.run_dir):
+        model = _load_checked(cfg, cfg.run_dir, key)
+        what = ("model.teacher_path" if key == "teacher" and cfg.model.teacher_path
+                else f"the {key} in {_source(cfg, cfg.run_dir, key)}")
+        _fits(f"{what} ({type(model).__name__})", dict(model.config), meta, data_dir)
+        nets[key] = model
+    return data_dir, nets
+
+
 def _load(st: RunState, key: str) -> bool:
     """Put the network `key` into `st.nets` if it is there to load (already in memory, the
     configured teacher folder, or a finished stage's folder); False if it must be trained."""
     if key in st.nets:
         return True
-    expect = "WanTransformer3DModel" if key == "teacher" else "AnyFlowTransformer3DModel"
-    if key == "teacher" and st.cfg.model.teacher_path:
-        st.nets[key] = models.load_transformer(st.cfg.model.teacher_path, expect=expect)
-        return True
-    folder = st.run_dir / NET_FOLDERS[key]
-    if not _done(folder):
+    if _source(st.cfg, st.run_dir, key) is None:
         return False
-    st.nets[key] = models.load_transformer(folder, expect=expect)
+    st.nets[key] = _load_checked(st.cfg, st.run_dir, key)
     return True
 
 
@@ -111,29 +250,52 @@ def _need(st: RunState, name: str) -> torch.nn.Module:
     return st.nets[name]
 
 
+def train_on_ray(st: RunState, first: str) -> None:
+    """`first` and every later training stage of run.stages whose network is not there yet, in one
+    Ray session (one learner group for all of them; pipeline/distributed.py). Each network is saved
+    as soon as it arrives, so a run cut short keeps every finished stage."""
+    from pipeline import distributed  # imports Ray: only when the Ray backend is asked for
+
+    listed = [s for s in st.cfg.run.stages if s in STAGE_OUTPUT]
+    todo = [s for s in listed[listed.index(first):] if not _load(st, STAGE_OUTPUT[s])]
+    if not todo:
+        return
+    have = {k: st.nets[k] for k in ("teacher", "student_stage1") if _load(st, k)}
+
+    def save(name: str, module: torch.nn.Module) -> None:
+        _save(module, st.run_dir / NET_FOLDERS.get(name, name))
+        if name in NET_FOLDERS:
+            st.nets[name] = module
+        print(f"== {name} trained and saved", flush=True)
+
+    distributed.train_session(st.cfg, todo, have, st.data_dir, st.log, on_result=save)
+
+
 def stage_teacher(st: RunState) -> None:
-    if not _load(st, "teacher"):
-        st.nets["teacher"] = reference.train_teacher(st.cfg, st.train, st.log)
-        _save(st.nets["teacher"], st.run_dir / NET_FOLDERS["teacher"])
+    if _load(st, "teacher"):
+        return
+    if st.cfg.ray.backend == "ray":
+        return train_on_ray(st, "teacher")
+    st.nets["teacher"] = reference.train_teacher(st.cfg, st.train, st.log)
+    _save(st.nets["teacher"], st.run_dir / NET_FOLDERS["teacher"])
 
 
 def stage_stage1(st: RunState) -> None:
-    if not _load(st, "student_stage1"):
-        st.nets["student_stage1"] = reference.train_stage1(st.cfg, _need(st, "teacher"), st.train, st.log)
-        _save(st.nets["student_stage1"], st.run_dir / NET_FOLDERS["student_stage1"])
+    if _load(st, "student_stage1"):
+        return
+    if st.cfg.ray.backend == "ray":
+        return train_on_ray(st, "stage1")
+    st.nets["student_stage1"] = reference.train_stage1(st.cfg, _need(st, "teacher"), st.train, st.log)
+    _save(st.nets["student_stage1"], st.run_dir / NET_FOLDERS["student_stage1"])
 
 
 def _stage2_like(st: RunState, stage: str, key: str) -> None:
     if _load(st, key):
         return
     if st.cfg.ray.backend == "ray":
-        from pipeline import onpolicy  # imports Ray: only when the Ray backend is asked for
-
-        student, critic = onpolicy.train_stage2(st.cfg, stage, _need(st, "student_stage1"), _need(st, "teacher"),
-                                                st.data_dir, st.log)
-    else:
-        student, critic = reference.train_stage2(st.cfg, stage, _need(st, "student_stage1"), _need(st, "teacher"),
-                                                 st.train, st.log)
+        return train_on_ray(st, stage)
+    student, critic = reference.train_stage2(st.cfg, stage, _need(st, "student_stage1"), _need(st, "teacher"),
+                                             st.train, st.log)
     st.nets[key] = student
     _save(critic, st.run_dir / f"critic_{stage}")
     _save(student, st.run_dir / NET_FOLDERS[key])
@@ -169,19 +331,20 @@ STAGE_FUNCS = {"teacher": stage_teacher, "stage1": stage_stage1, "stage2": stage
 
 
 def run_stages(cfg: Config) -> Path:
-    """Run the configured stages; returns the run folder."""
+    """Run the configured stages; returns the run folder. Bad input raises InputError before
+    anything is written to the run folder (`preflight`); training that meets run.max_bad_steps
+    bad steps in a row raises TooManyBadSteps (the tracked run ends as FAILED)."""
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    data_dir = prepare_data(cfg)
-    check_data_fits_model(cfg, data_dir)
+    data_dir, nets = preflight(cfg)  # bad input stops here, before the run folder or the tracker
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
     totals = {"teacher": cfg.teacher.steps, "stage1": cfg.stage1.steps, "stage2": cfg.stage2.steps,
               "consistency": cfg.consistency.steps}
     tracker = Tracker.start(cfg, run_dir, tracking_uri=cfg.run.tracking_uri or None) if cfg.run.track else None
     log = MetricsLog(run_dir / "metrics.jsonl", totals, sinks=[tracker.on_record] if tracker else [])
-    st = RunState(cfg, run_dir, data_dir, log)
+    st = RunState(cfg, run_dir, data_dir, log, nets)
     status = "FAILED"
     try:
         for stage in cfg.run.stages:

@@ -131,6 +131,22 @@ def build_teacher(size: str | dict, seed: int | None = None) -> WanTransformer3D
     return WanTransformer3DModel(**arch_config(size))
 
 
+WAN_QK_NORM = "rms_norm_across_heads"
+"""Wan2.1's query/key normalisation (WanTransformer3DModel's default), the one AnyFlow supports"""
+
+
+def student_arch(teacher_config: dict) -> dict:
+    """The AnyFlow constructor arguments of the student converted from a Wan teacher of this config."""
+    cfg = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    unsupported = {k: cfg[k] for k in ("added_kv_proj_dim", "pos_embed_seq_len") if cfg.get(k) is not None}
+    if unsupported or cfg.get("qk_norm", WAN_QK_NORM) != WAN_QK_NORM:
+        raise ValueError(f"only Wan2.1 T2V/I2V transformers convert to AnyFlow; this one has {unsupported or cfg}")
+    keep = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
+            "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps", "image_dim",
+            "rope_max_seq_len")
+    return {**{k: cfg[k] for k in keep if k in cfg}, "gate_value": GATE_VALUE, "deltatime_type": "r"}
+
+
 def student_from_teacher(teacher: WanTransformer3DModel) -> AnyFlowTransformer3DModel:
     """Convert a Wan teacher into an AnyFlow student.
 
@@ -139,14 +155,7 @@ def student_from_teacher(teacher: WanTransformer3DModel) -> AnyFlowTransformer3D
     """
     if not isinstance(teacher, WanTransformer3DModel):
         raise TypeError(f"expected a WanTransformer3DModel, got {type(teacher).__name__}")
-    cfg = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
-    unsupported = {k: cfg[k] for k in ("added_kv_proj_dim", "pos_embed_seq_len") if cfg.get(k) is not None}
-    if unsupported or cfg.get("qk_norm") != "rms_norm_across_heads":
-        raise ValueError(f"only Wan2.1 T2V/I2V transformers convert to AnyFlow; this one has {unsupported or cfg}")
-    keep = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
-            "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps", "image_dim",
-            "rope_max_seq_len")
-    student = AnyFlowTransformer3DModel(**{k: cfg[k] for k in keep}, gate_value=GATE_VALUE, deltatime_type="r")
+    student = AnyFlowTransformer3DModel(**student_arch(teacher.config))
     state = dict(teacher.state_dict())
     for key in list(state):
         if ".time_embedder." in key:

@@ -20,7 +20,7 @@ CLUSTER_CPUS = 4
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=CLUSTER_CPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=CLUSTER_CPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
              configure_logging=False)
     yield ray
     ray.shutdown()

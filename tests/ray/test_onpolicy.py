@@ -131,3 +131,26 @@ def test_a_request_beyond_the_cluster_fails_within_seconds_naming_ask_and_cluste
     assert time.perf_counter() - t0 < 5
     msg = str(err.value)
     assert "4 learners x (2 CPU, 0 GPU)" in msg and "the cluster has 4 CPUs and 0 GPUs" in msg, msg
+
+
+def test_a_learner_failure_mid_stage_is_restored_and_the_run_still_matches_the_reference(
+        ray_cluster, tiny_world, reference_run, tmp_path, monkeypatch):
+    """Learner rank 0 fails after step 7; Ray Train restores the group from the checkpoint of step 5,
+    the driver rewinds its rollouts to step 5, every step is logged once and equals the reference's."""
+    from learners.session import FAULT_ENV
+    from pipeline import distributed
+    from pipeline.metrics import LEARNER_RESTARTS
+
+    _, data_dir, teacher, student = tiny_world
+    cfg = _config(tiny_world, "lag0-learner-fault", "ray.rollout_actors=1", "run.checkpoint_every=5",
+                  "run.learner_restarts=1")
+    marker = tmp_path / "fault-fired"
+    monkeypatch.setenv(FAULT_ENV, f"stage2:7:{marker}")
+    records = []
+    out = distributed.train_session(cfg, ["stage2"], {"student_stage1": student, "teacher": teacher}, data_dir,
+                                    lambda s, i, f: records.append((i, f)), fresh=True)
+    assert marker.exists(), "the fault drill did not fire"
+    assert [i for i, _ in records] == list(range(STEPS)), [i for i, _ in records]
+    assert out.stats["stage2"]["hub"].get(LEARNER_RESTARTS) == 1
+    result = onpolicy.Result(out.nets["student"], out.nets["critic_stage2"], {}, {})
+    _assert_matches_reference([f for _, f in records], reference_run, result)

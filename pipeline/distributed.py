@@ -1,0 +1,318 @@
+"""The training stages on Ray: one learner group for the whole run, a rollout fleet per on-policy stage.
+
+    driver (this module)                              Ray cluster
+      read the train split (Ray Data) ------------->  object store
+      Hub (actors/hub.py) <--------------------------> learner group: Ray Train TorchTrainer,
+      trainer.fit() in a background thread             DeepSpeed per rank (learners/session.py)
+      per stage, in order:
+        teacher, stage1: log the learners' figures from the Hub; save the result when it arrives
+        stage2, consistency: launch the fleet (pipeline/onpolicy.py), open the stage on the Hub,
+          wait for the learners' first version, drive the rollouts, save the result, stop the fleet
+
+The driver never holds a trajectory tensor; it holds networks only to save them and to hand
+them to the next stage's actors. Ray Train checkpoints go to `<run_dir>/ray_train/learners`;
+a new run with the same run name resumes from the newest (learners/session.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import ray
+import torch
+
+from pipeline import metrics as M
+from pipeline.config import Config, RayConfig
+from pipeline.reference import Log
+
+POLL_S = 0.2
+SUPERVISED = ("teacher", "stage1")
+ONPOLICY = ("stage2", "consistency")
+
+
+class ClusterTooSmall(RuntimeError):
+    """The configured pools ask for more CPUs or GPUs than the Ray cluster has."""
+
+
+def init_ray(cfg: Config) -> None:
+    """Join `ray.address`, else $RAY_ADDRESS (set by `ray job submit`), else start a local Ray bound
+    to 127.0.0.1 (never silently join some other cluster running on this machine)."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    else:
+        ray.init(address=address)
+
+
+def check_resources(rc: RayConfig, onpolicy: bool = True) -> None:
+    """Fail now, naming what was asked and what exists, if the pools cannot all be placed."""
+    pools = {"learner": (rc.learners, rc.learner_cpus, rc.learner_gpus)}
+    if onpolicy:
+        pools = {"rollout actor": (rc.rollout_actors, rc.rollout_cpus, rc.rollout_gpus),
+                 "scorer": (rc.scorer_actors, rc.scorer_cpus, rc.scorer_gpus), **pools}
+    need_cpu = sum(n * c for n, c, _ in pools.values())
+    need_gpu = sum(n * g for n, _, g in pools.values())
+    have = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    node_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    node_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    problems = []
+    if need_cpu > have.get("CPU", 0.0) + 1e-9:
+        problems.append(f"{need_cpu:g} CPUs in all")
+    if need_gpu > have.get("GPU", 0.0) + 1e-9:
+        problems.append(f"{need_gpu:g} GPUs in all")
+    for name, (_, c, g) in pools.items():
+        if c > node_cpu + 1e-9 or g > node_gpu + 1e-9:
+            problems.append(f"{c:g} CPUs + {g:g} GPUs in one {name}, more than any node has")
+    if problems:
+        asked = " + ".join(f"{n} {name}{'s' if n > 1 else ''} x ({c:g} CPU, {g:g} GPU)"
+                           for name, (n, c, g) in pools.items())
+        raise ClusterTooSmall(
+            f"the training stages ask for {asked}: "
+            f"{'; '.join(problems)}; the cluster has {have.get('CPU', 0.0):g} CPUs and {have.get('GPU', 0.0):g} "
+            f"GPUs (largest node: {node_cpu:g} CPUs, {node_gpu:g} GPUs). Lower ray.*_cpus, ray.*_gpus or the "
+            f"pool sizes (ray.rollout_actors, ray.scorer_actors, ray.learners), or join a bigger cluster (ray.address)")
+
+
+class FitThread(threading.Thread):
+    """`trainer.fit()` in the background; its error, if any, is re-raised by the driver loop."""
+
+    def __init__(self, trainer):
+        super().__init__(name="learners", daemon=True)
+        self.trainer, self.error = trainer, None
+
+    def run(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread
+            self.error = exc
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the learners failed: {self.error}") from self.error
+
+
+class Rewind(Exception):
+    """The learner group restarted (Ray Train restored it from a checkpoint) and goes on from `start`."""
+
+    def __init__(self, start: int, generation: int):
+        super().__init__(f"the learners restarted at step {start} (generation {generation})")
+        self.start, self.generation = start, generation
+
+
+class Watch:
+    """What the driver checks while it waits: the learners' failure (raised) and, in an on-policy
+    stage, a restarted learner group (`Rewind`). Quacks like the FitThread it wraps."""
+
+    def __init__(self, fit: FitThread, hub=None, stage: str | None = None, generation: int = 0):
+        self.fit, self.hub, self.stage, self.generation = fit, hub, stage, generation
+        self._last = 0.0
+
+    @property
+    def error(self):
+        return self.fit.error
+
+    def is_alive(self) -> bool:
+        return self.fit.is_alive()
+
+    def check(self) -> None:
+        self.fit.check()
+        now = time.monotonic()
+        if self.hub is None or now - self._last < POLL_S:
+            return
+        self._last = now
+        got = ray.get(self.hub.begun.remote(self.stage))
+        if got is not None and got[1] != self.generation:
+            raise Rewind(*got)
+
+
+def wait(ref: ray.ObjectRef, fit: FitThread | Watch):
+    """`ray.get(ref)`, but raise at once if the learners fail meanwhile."""
+    while True:
+        ready, _ = ray.wait([ref], timeout=POLL_S)
+        if ready:
+            return ray.get(ref)
+        fit.check()
+
+
+def storage_of(cfg: Config) -> Path:
+    """Where Ray Train keeps the learners' checkpoints (`<storage>/learners`)."""
+    return (cfg.run_dir / "ray_train").resolve()
+
+
+def make_trainer(cfg: Config, setup):
+    """The Ray Train TorchTrainer of the learner group (DeepSpeed inside `learners.session.session_loop`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from learners.deepspeed_setup import dist_backend
+    from learners.session import FAULT_ENV, session_loop
+
+    rc = cfg.ray
+    use_gpu = rc.learner_gpus > 0
+    resources = {"CPU": rc.learner_cpus, **({"GPU": rc.learner_gpus} if use_gpu else {})}
+    env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    if os.environ.get(FAULT_ENV):
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    return TorchTrainer(
+        session_loop, train_loop_config={"setup": setup},
+        torch_config=TorchConfig(backend=dist_backend(use_gpu)),
+        scaling_config=ScalingConfig(num_workers=rc.learners, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name="learners", storage_path=str(storage_of(cfg)),
+                             failure_config=FailureConfig(max_failures=cfg.run.learner_restarts),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_kept),
+                             worker_runtime_env={"env_vars": env}))
+
+
+@dataclass
+class SessionResult:
+    nets: dict[str, torch.nn.Module] = field(default_factory=dict)
+    """the networks the session produced, by name (teacher, student_stage1, student, consistency,
+    critic_stage2, critic_consistency)"""
+    stats: dict[str, dict] = field(default_factory=dict)
+    """per on-policy stage: {"buffer": ReplayBuffer.stats(), "store": WeightStore.stats(), "hub": counters}"""
+
+
+def _module(like_name: str, teacher_config: dict, state: dict) -> torch.nn.Module:
+    from learners.onpolicy import Nets
+
+    nets = Nets(teacher_config)
+    model = nets.teacher(state) if like_name == "teacher" or like_name.startswith("critic_") else nets.student(state)
+    return model.eval().requires_grad_(False)
+
+
+def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Module], data_dir: str | Path,
+                  log: Log, on_result: Callable[[str, torch.nn.Module], None] | None = None,
+                  fresh: bool = False) -> SessionResult:
+    """Train `stages` (in order) on Ray; `nets` holds the networks they start from that exist already
+    (a loaded teacher, a finished stage-1 student). `on_result(name, module)` is called as each
+    network is finished (the stages save it there). `fresh`: forget earlier checkpoints of this run."""
+    from actors.hub import Hub
+    from learners.onpolicy import read_train_split, train_split_of
+    from learners.session import SessionSetup
+    from pipeline import onpolicy
+    from pipeline.data.schema import read_null_embed
+    from pipeline.flowmap import models
+
+    unknown = [s for s in stages if s not in SUPERVISED + ONPOLICY]
+    if unknown:
+        raise ValueError(f"not training stages: {unknown}")
+    init_ray(cfg)
+    check_resources(cfg.ray, onpolicy=any(s in ONPOLICY for s in stages))
+    for stage in stages:
+        b = getattr(cfg, stage).batch_size
+        if b % cfg.ray.learners:
+            raise ValueError(f"{stage}.batch_size={b} does not split over ray.learners={cfg.ray.learners}")
+    if fresh:
+        shutil.rmtree(storage_of(cfg), ignore_errors=True)
+    teacher_config = dict(nets["teacher"].config) if "teacher" in nets else models.arch_config(cfg.model.size)
+    data_dir = str(Path(data_dir).resolve())
+    train_split = read_train_split(data_dir)  # before any pool is placed: Ray Data's listing needs a CPU
+    null_embed = read_null_embed(data_dir)
+    split = train_split_of(train_split, data_dir, null_embed)
+    hub = ray.remote(Hub).options(num_cpus=0).remote()
+    for name, net in nets.items():
+        ray.get(hub.put_net.remote(name, {k: v.detach().cpu() for k, v in net.state_dict().items()}))
+    setup = SessionSetup(cfg, list(stages), data_dir, null_embed, teacher_config, hub, train_split,
+                         threads=max(1, int(round(cfg.ray.learner_cpus))), use_gpu=cfg.ray.learner_gpus > 0)
+    fit = FitThread(make_trainer(cfg, setup))
+    fit.start()
+    out = SessionResult(nets=dict(nets))
+    try:
+        for stage in stages:
+            if stage in SUPERVISED:
+                _follow(cfg, stage, hub, fit, log)
+            else:
+                fleet = onpolicy.launch_fleet(cfg, _need(out.nets, "student_stage1"), _need(out.nets, "teacher"),
+                                              split.prompt_embeds, split.null_embed, split.latent_shape)
+                try:
+                    ray.get(hub.open_stage.remote(stage, fleet.store, fleet.buffer))
+                    start, generation = _begun(stage, hub, fit)
+                    step_log = onpolicy.StepLog(stage, getattr(cfg, stage).steps, fleet.store, log, start)
+                    while True:
+                        watch = Watch(fit, hub, stage, generation)
+                        try:
+                            wait(fleet.store.wait_for.remote(start), watch)
+                            onpolicy.drive(cfg, stage, fleet, watch, log, start, step_log)
+                            break
+                        except Rewind as rw:  # a restored learner group: its rollouts again from rw.start
+                            start, generation = rw.start, rw.generation
+                            ray.get(fleet.buffer.reset.remote())
+                            ray.get(hub.count.remote(M.LEARNER_RESTARTS))
+                            print(f"[{stage}] {rw}: rollouts resume from there", flush=True)
+                    _result(stage, hub, fit)  # the learners are done before the fleet goes
+                    out.stats[stage] = {"buffer": ray.get(fleet.buffer.stats.remote()),
+                                        "store": ray.get(fleet.store.stats.remote()),
+                                        "hub": ray.get(hub.counters.remote())}
+                finally:
+                    fleet.kill()
+            refs = _result(stage, hub, fit)
+            for name, ref in refs.items():
+                module = _module(name, teacher_config, ray.get(ref[0]))
+                out.nets[name] = module
+                if on_result:
+                    on_result(name, module)
+        fit.join()
+        if fit.error is not None:
+            fit.check()
+        return out
+    finally:
+        if fit.is_alive():
+            ray.kill(hub)  # unblocks learners waiting on the hub; fit then fails and returns
+            fit.join(timeout=60)
+        else:
+            ray.kill(hub)
+
+
+def _need(nets: dict, name: str) -> torch.nn.Module:
+    if name not in nets:
+        raise RuntimeError(f"the on-policy stage needs the {name} network: train its stage first")
+    return nets[name]
+
+
+def _poll(call: Callable[[], object], fit: FitThread, what: str):
+    """Poll `call()` until it returns something; raise if the learners fail or stop without it."""
+    while True:
+        stopped = not fit.is_alive()
+        got = call()
+        if got is not None:
+            return got
+        fit.check()
+        if stopped:
+            raise RuntimeError(f"the learners stopped without {what}")
+        time.sleep(POLL_S)
+
+
+def _begun(stage: str, hub, fit: FitThread) -> tuple[int, int]:
+    return _poll(lambda: ray.get(hub.begun.remote(stage)), fit, f"starting {stage}")
+
+
+def _result(stage: str, hub, fit: FitThread) -> dict:
+    return _poll(lambda: ray.get(hub.result.remote(stage)), fit, f"the result of {stage}")
+
+
+def _follow(cfg: Config, stage: str, hub, fit: FitThread, log: Log) -> None:
+    """Log a supervised stage's figures, in step order, until its result is there."""
+    start, _ = _begun(stage, hub, fit)
+    nxt = start
+    while True:
+        done = ray.get(hub.result.remote(stage)) is not None
+        figures = ray.get(hub.figures_since.remote(stage, nxt))
+        while nxt in figures:
+            log(stage, nxt, figures[nxt])
+            nxt += 1
+        if done:
+            return
+        fit.check()
+        if not fit.is_alive():
+            _result(stage, hub, fit)  # one last look, else a clear error
+            continue
+        time.sleep(POLL_S)
