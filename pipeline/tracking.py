@@ -9,12 +9,14 @@
 Only the driver imports this module; `pipeline/flowmap` and `pipeline/data` never do.
 
 Backend. `tracking_uri` (the driver passes it when it has one), else `MLFLOW_TRACKING_URI`, else a
-SQLite file `sqlite:///<output_dir>/mlflow.db` with artifacts under `<output_dir>/mlartifacts`.
+SQLite file `sqlite:///<output_dir>/mlflow.db` with artifacts under `<output_dir>/mlartifacts` (any SQLite
+or file store keeps its artifacts in `mlartifacts/` beside it).
 
 What is logged. Params: the resolved config, nested keys flattened (`stage1.optim.lr`), lists as
 JSON strings, values cut to MLflow's length limit. Tags: `anyflow.version` (the installed
 `anyflow-pipeline`), `mlflow.source.git.commit` (when `git rev-parse HEAD` works in the repo),
-`ray.job_id` (env `RAY_JOB_ID`, or Ray's runtime context when Ray is already imported and
+`ray.job_id` (env `RAY_JOB_ID`, the submission id `ray job submit` passes in the job config, or
+Ray's runtime context when Ray is already imported and
 initialised; Ray is never imported here), the run name (`mlflow.runName`), plus the caller's.
 System metrics (`system/...`) through MLflow's own monitor when psutil is installed.
 
@@ -163,12 +165,31 @@ def _git_commit() -> str | None:
 def _ray_job_id() -> str | None:
     if os.environ.get("RAY_JOB_ID"):
         return os.environ["RAY_JOB_ID"]
+    # `ray job submit` hands the driver its submission id in the job config, not as RAY_JOB_ID
+    try:
+        submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        if submitted.get("metadata", {}).get("job_submission_id"):
+            return str(submitted["metadata"]["job_submission_id"])
+    except (json.JSONDecodeError, AttributeError):
+        pass
     ray = sys.modules.get("ray")  # only if the driver already imported it; never import Ray here
     try:
         if ray is not None and ray.is_initialized():
             return str(ray.get_runtime_context().get_job_id())
     except Exception:  # noqa: BLE001 - a tag is not worth failing a run
         return None
+    return None
+
+
+def local_artifact_root(uri: str, output_dir: Path) -> str | None:
+    """Where a file-backed store keeps artifacts: `mlartifacts/` next to its SQLite file (or in its
+    folder), so they live with the run and not in whatever the working directory is (under `ray
+    job submit` that is a temporary copy); None for a server, which decides itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    if uri.startswith(("file:", "/", "./", "../")):
+        base = uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):] if uri.startswith("file:") else uri
+        return (Path(base).resolve() / "mlartifacts").as_uri()
     return None
 
 
@@ -265,13 +286,13 @@ class Tracker:
         run_dir.mkdir(parents=True, exist_ok=True)
         output_dir = Path(tree["run"]["output_dir"])
         uri = resolve_tracking_uri(output_dir, tracking_uri)
-        default_backend = not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts = local_artifact_root(uri, output_dir)
         if system_metrics is None:
             system_metrics = importlib.util.find_spec("psutil") is not None
         self = cls(run_dir, uri, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
                    str(tree["run"]["name"]), flatten_params(tree),
                    {**run_tags(), **mask_secrets(dict(tags or {}))},
-                   (output_dir.resolve() / "mlartifacts").as_uri() if default_backend else None,
+                   artifacts,
                    cls._stored_run_id(run_dir, uri), batch_size, flush_s, retry_s, system_metrics)
         self.flush(force=True)  # connect now: create or resume the run, send any old backlog
         self._thread = threading.Thread(target=self._loop, name="mlflow-tracker", daemon=True)

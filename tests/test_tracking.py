@@ -418,3 +418,21 @@ def test_real_server_run_reads_back(server, tmp_path):
     assert {a.path for a in client.list_artifacts(tr.run_id)} == {"config.yaml", "eval.json", "eval.png",
                                                                   "videos", "student"}
     assert {a.path for a in client.list_artifacts(tr.run_id, "videos")} == {"videos/student_n1.gif"}
+
+
+def test_file_backed_stores_keep_artifacts_beside_them_and_servers_decide(tmp_path):
+    from pipeline.tracking import local_artifact_root
+
+    db = tmp_path / "elsewhere" / "runs.db"
+    assert local_artifact_root(f"sqlite:///{db}", tmp_path) == (db.parent / "mlartifacts").as_uri()
+    assert local_artifact_root(f"file://{tmp_path}/mlruns", tmp_path) == (tmp_path / "mlruns" / "mlartifacts").as_uri()
+    assert local_artifact_root("http://127.0.0.1:5000", tmp_path) is None
+    assert local_artifact_root("databricks", tmp_path) is None
+
+
+def test_the_ray_job_tag_comes_from_ray_job_submit(monkeypatch):
+    from pipeline.tracking import TAG_RAY_JOB, run_tags
+
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"metadata": {"job_submission_id": "raysubmit_abc"}}')
+    assert run_tags()[TAG_RAY_JOB] == "raysubmit_abc"
