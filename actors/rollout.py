@@ -62,6 +62,14 @@ class CallCounter:
         return self.fn(*args, **kwargs)
 
 
+def _was_reconstructed() -> bool:
+    """True in an actor that Ray restarted after it died (its constructor runs again)."""
+    try:
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - outside an actor (unit tests build the class directly)
+        return False
+
+
 def device_for(gpus: float) -> torch.device:
     if gpus > 0 and not torch.cuda.is_available():
         raise RuntimeError("this actor was given GPUs but torch sees no CUDA device")
@@ -80,6 +88,7 @@ class RolloutWorker:
         self.prompts = PromptRows(prompt_embeds.to(self.device), null_embed.to(self.device))
         self.num_rows = len(prompt_embeds)
         self.version = -1
+        self._reconstructed = _was_reconstructed()
 
     def pull(self) -> float:
         """Load the newest student version if it is not the one we hold; returns the seconds spent."""
@@ -89,6 +98,11 @@ class RolloutWorker:
             self.student.load_state_dict(ray.get(refs[0]))
             self.version = version
         return time.perf_counter() - t0
+
+    def _restarted(self) -> int:
+        """1 on the first call after Ray restarted this actor (it died and was made again), else 0."""
+        was, self._reconstructed = self._reconstructed, False
+        return int(was)
 
     @torch.no_grad()
     def rollout(self, step: int, stage: str, num_learners: int) -> list:
@@ -110,6 +124,7 @@ class RolloutWorker:
         meta = {"step": step, "num_steps": gen.num_steps, "k": gen.k, "student_version": self.version,
                 "created": time.time(), "rollout_seconds": time.perf_counter() - t0, "pull_seconds": pull_s,
                 "rows": x_old.shape[0], "bytes": T.nbytes(x_old, x_crit),
-                "nfe": nfe, "nfe_critic": self.u_fn.calls - nfe, "threads": torch.get_num_threads()}
+                "nfe": nfe, "nfe_critic": self.u_fn.calls - nfe, "threads": torch.get_num_threads(),
+                "restarted": self._restarted()}
         olds, crits = T.split_rows(x_old, num_learners), T.split_rows(x_crit, num_learners)
         return [{T.X_OLD: o, T.X_CRIT: k, T.META: meta} for o, k in zip(olds, crits)] + [meta]

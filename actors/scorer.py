@@ -21,7 +21,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from actors import trajectory as T
-from actors.rollout import CallCounter, PromptRows, device_for, draws_to
+from actors.rollout import CallCounter, PromptRows, _was_reconstructed, device_for, draws_to
 from pipeline import metrics as M
 from pipeline import reference
 from pipeline.config import Config
@@ -41,6 +41,7 @@ class Scorer:
         self.prompts = PromptRows(prompt_embeds.to(self.device), null_embed.to(self.device))
         self.num_rows = len(prompt_embeds)
         self.version = -1
+        self._reconstructed = _was_reconstructed()
 
     def _frozen(self, config: dict) -> WanTransformer3DModel:
         return WanTransformer3DModel.from_config(config).to(self.device).eval().requires_grad_(False)
@@ -53,6 +54,11 @@ class Scorer:
             self.critic.load_state_dict(ray.get(refs[1]))
             self.version = version
         return time.perf_counter() - t0
+
+    def _restarted(self) -> int:
+        """1 on the first call after Ray restarted this actor (it died and was made again), else 0."""
+        was, self._reconstructed = self._reconstructed, False
+        return int(was)
 
     @torch.no_grad()
     def score(self, step: int, stage: str, *rollout_slices: dict) -> list:
@@ -70,6 +76,6 @@ class Scorer:
         y, figs = losses.dmd_target(t_fn, c_fn, x_old, cond, self.prompts.null_embed, gen.s, gen.eps, c.real_guidance)
         meta = {"step": step, "critic_version": self.version, "score_seconds": time.perf_counter() - t0,
                 "score_pull_seconds": pull_s, "bytes": T.nbytes(y), "teacher_calls": t_fn.calls,
-                "critic_calls": c_fn.calls, "score_threads": torch.get_num_threads(),
+                "critic_calls": c_fn.calls, "score_threads": torch.get_num_threads(), "score_restarted": self._restarted(),
                 **{M.DMD_PREFIX + k: v for k, v in figs.items()}}
         return [{T.Y: y_r, T.META: meta} for y_r in T.split_rows(y, len(rollout_slices))] + [meta]

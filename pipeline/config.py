@@ -199,6 +199,8 @@ class RayConfig:
     """steps of rollouts the replay buffer may hold; rollouts wait (never dropped) when it is full"""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage of the learners: 2 (shard optimiser state and gradients) or 3 (also parameters)"""
+    actor_restarts: int = 3
+    """times Ray restarts a rollout or scorer actor that died (the call it ran is retried; -1: always)"""
 
 
 @dataclass
@@ -304,6 +306,7 @@ def _check_ray(cfg: Config) -> None:
     _require(r.max_policy_lag >= 0, "ray.max_policy_lag", "must be >= 0 (0: strictly on-policy)")
     _require(r.buffer_capacity >= 1, "ray.buffer_capacity", "must be >= 1 step of rollouts")
     _require(r.zero_stage in (2, 3), "ray.zero_stage", "DeepSpeed ZeRO stage must be 2 or 3")
+    _require(r.actor_restarts >= -1, "ray.actor_restarts", "must be >= 0, or -1 for no limit")
     if r.backend == "ray":
         for name in ("teacher", "stage1", "stage2", "consistency"):
             b = getattr(cfg, name).batch_size

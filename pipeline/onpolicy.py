@@ -25,7 +25,7 @@ i - v is at most L. With L = 0 every step is the reference's (pipeline/reference
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -51,6 +51,9 @@ class Fleet:
     buffer: ray.actor.ActorHandle
     rollouts: list
     scorers: list
+    pinned: list = field(default_factory=list)
+    """refs of the actors' constructor arguments (prompt table, teacher weights): held while the
+    fleet lives, because Ray needs them again to restart an actor that died"""
 
     def kill(self) -> None:
         for actor in [*self.rollouts, *self.scorers, self.buffer, self.store]:
@@ -61,21 +64,33 @@ def _threads(cpus: float) -> int:
     return max(1, int(round(cpus)))
 
 
-def launch_fleet(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module, prompt_embeds: torch.Tensor,
+def fleet_name(cfg: Config, stage: str) -> str:
+    """Prefix of the fleet's actor names (`<prefix>-rollout-<j>`, `<prefix>-scorer-<j>`), as the
+    dashboard and `ray.get_actor` show them."""
+    return f"anyflow-{cfg.run.name}-{stage}"
+
+
+def launch_fleet(cfg: Config, stage: str, student: torch.nn.Module, teacher: torch.nn.Module, prompt_embeds: torch.Tensor,
                  null_embed: torch.Tensor, latent_shape: tuple[int, ...]) -> Fleet:
     """The weight store (empty: the learners publish the first version), the buffer, the rollout and
     scorer pools."""
     rc = cfg.ray
+    prefix = fleet_name(cfg, stage)
     store = ray.remote(WeightStore).options(num_cpus=0).remote(keep=rc.max_policy_lag + 2)
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(rc.buffer_capacity, rc.learners)
     embeds, teacher_state = ray.put(prompt_embeds), ray.put(teacher.state_dict())
-    rollouts = [ray.remote(RolloutWorker).options(num_cpus=rc.rollout_cpus, num_gpus=rc.rollout_gpus).remote(
+    # a rollout or scorer actor that dies is made again by Ray (its constructor pulls the newest
+    # weights) and the call it was running is retried: no step is lost, the restart is counted
+    restart = dict(max_restarts=rc.actor_restarts, max_task_retries=rc.actor_restarts)
+    rollouts = [ray.remote(RolloutWorker).options(
+        num_cpus=rc.rollout_cpus, num_gpus=rc.rollout_gpus, name=f"{prefix}-rollout-{j}", **restart).remote(
         cfg, store, dict(student.config), embeds, null_embed, latent_shape, _threads(rc.rollout_cpus),
-        rc.rollout_gpus) for _ in range(rc.rollout_actors)]
-    scorers = [ray.remote(Scorer).options(num_cpus=rc.scorer_cpus, num_gpus=rc.scorer_gpus).remote(
+        rc.rollout_gpus) for j in range(rc.rollout_actors)]
+    scorers = [ray.remote(Scorer).options(
+        num_cpus=rc.scorer_cpus, num_gpus=rc.scorer_gpus, name=f"{prefix}-scorer-{j}", **restart).remote(
         cfg, store, dict(teacher.config), teacher_state, embeds, null_embed, latent_shape,
-        _threads(rc.scorer_cpus), rc.scorer_gpus) for _ in range(rc.scorer_actors)]
-    return Fleet(store, buffer, rollouts, scorers)
+        _threads(rc.scorer_cpus), rc.scorer_gpus) for j in range(rc.scorer_actors)]
+    return Fleet(store, buffer, rollouts, scorers, pinned=[embeds, teacher_state])
 
 
 class StepLog:
@@ -90,6 +105,7 @@ class StepLog:
         self.stage, self.steps, self.store, self.log = stage, steps, store, log
         self.pending: dict[int, tuple] = {}
         self.next = start
+        self.actor_restarts = 0
 
     def add(self, step: int, rollout_meta: ray.ObjectRef, score_meta: ray.ObjectRef, depth: int) -> None:
         if step >= self.next:  # after a rewind, steps logged already are not logged again
@@ -105,9 +121,10 @@ class StepLog:
             rmeta_ref, smeta_ref, depth = self.pending.pop(i)
             rmeta, smeta = ray.get([rmeta_ref, smeta_ref])  # small dicts, no tensors
             lag = i - rmeta["student_version"]  # the learner trains step i with version i
+            self.actor_restarts += rmeta.get("restarted", 0) + smeta.get("score_restarted", 0)
             self.log(self.stage, i, {
                 **learned[i], M.LAG_MEAN: float(lag), M.LAG_MAX: float(lag), M.CRITIC_LAG: i - smeta["critic_version"],
-                M.BUFFER_DEPTH: depth, M.ROLLOUT_SECONDS: rmeta["rollout_seconds"],
+                M.BUFFER_DEPTH: depth, M.ACTOR_RESTARTS: self.actor_restarts, M.ROLLOUT_SECONDS: rmeta["rollout_seconds"],
                 M.PULL_SECONDS: rmeta["pull_seconds"], M.SCORE_SECONDS: smeta["score_seconds"],
                 M.ROLLOUT_NUM_STEPS: rmeta["num_steps"], M.ROLLOUT_K: rmeta["k"],
                 **{k: v for k, v in smeta.items() if k.startswith(M.DMD_PREFIX)}})

@@ -154,3 +154,38 @@ def test_a_learner_failure_mid_stage_is_restored_and_the_run_still_matches_the_r
     assert out.stats["stage2"]["hub"].get(LEARNER_RESTARTS) == 1
     result = onpolicy.Result(out.nets["student"], out.nets["critic_stage2"], {}, {})
     _assert_matches_reference([f for _, f in records], reference_run, result)
+
+
+def test_killed_rollout_and_scorer_actors_are_restarted_and_no_step_is_lost(ray_cluster, tiny_world, reference_run):
+    """`ray.kill` a rollout actor and the scorer mid-run: Ray makes them again, the calls they ran
+    are retried, every step is trained once, the restarts are counted, and (lag 0) the run still
+    equals the reference."""
+    import threading
+
+    from pipeline import distributed
+    from pipeline.metrics import ACTOR_RESTARTS
+    from pipeline.onpolicy import fleet_name
+
+    _, data_dir, teacher, student = tiny_world
+    cfg = _config(tiny_world, "lag0-actor-faults", "ray.rollout_actors=2", "ray.actor_restarts=2")
+    records, killed = [], []
+    prefix = fleet_name(cfg, "stage2")
+
+    def killer():
+        for at, name in ((4, f"{prefix}-rollout-1"), (9, f"{prefix}-scorer-0")):
+            deadline = time.monotonic() + 300
+            while len(records) < at and time.monotonic() < deadline:
+                time.sleep(0.05)
+            ray_cluster.kill(ray_cluster.get_actor(name), no_restart=False)
+            killed.append((name, len(records)))
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    out = distributed.train_session(cfg, ["stage2"], {"student_stage1": student, "teacher": teacher}, data_dir,
+                                    lambda s, i, f: records.append((i, f)), fresh=True)
+    thread.join(timeout=10)
+    assert [name for name, _ in killed] == [f"{prefix}-rollout-1", f"{prefix}-scorer-0"], killed
+    assert [i for i, _ in records] == list(range(STEPS))
+    assert records[-1][1][ACTOR_RESTARTS] == 2, [f[ACTOR_RESTARTS] for _, f in records]
+    result = onpolicy.Result(out.nets["student"], out.nets["critic_stage2"], {}, {})
+    _assert_matches_reference([f for _, f in records], reference_run, result)
