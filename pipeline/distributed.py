@@ -231,7 +231,7 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
             if stage in SUPERVISED:
                 _follow(cfg, stage, hub, fit, log)
             else:
-                fleet = onpolicy.launch_fleet(cfg, _need(out.nets, "student_stage1"), _need(out.nets, "teacher"),
+                fleet = onpolicy.launch_fleet(cfg, stage, _need(out.nets, "student_stage1"), _need(out.nets, "teacher"),
                                               split.prompt_embeds, split.null_embed, split.latent_shape)
                 try:
                     ray.get(hub.open_stage.remote(stage, fleet.store, fleet.buffer))
