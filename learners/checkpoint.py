@@ -133,6 +133,40 @@ def read_meta(folder: str | Path) -> dict:
     return meta
 
 
+def _check_file(path: Path) -> None:
+    """A safetensors file's header parses and the file is as long as the header says (cheap: no
+    tensor is read), so a truncated or overwritten file is caught before any work starts."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            size = int.from_bytes(head, "little")
+            if size > 100_000_000:
+                raise ValueError("header length is implausible")
+            header = json.loads(f.read(size))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if path.stat().st_size != 8 + size + end:
+            raise ValueError(f"{path.stat().st_size} bytes, the header describes {8 + size + end}")
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable: {exc}") from None
+
+
+def verify(folder: str | Path) -> dict:
+    """`read_meta` plus a header and length check of every tensor file; returns the meta."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    for f in sorted(folder.glob("*.safetensors")):
+        _check_file(f)
+    return meta
+
+
+def newest(storage: str | Path) -> Path | None:
+    """The newest checkpoint folder Ray Train kept under `storage` (`checkpoint_<timestamp>`), or None."""
+    found = sorted(Path(storage).glob("checkpoint_*"))
+    return found[-1] if found else None
+
+
 def _read(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)

@@ -172,6 +172,23 @@ def make_trainer(cfg: Config, setup):
                              worker_runtime_env={"env_vars": env}))
 
 
+def check_checkpoint(cfg: Config) -> Path | None:
+    """The newest learner checkpoint of the run, checked before any work (meta, every file's
+    header and length); a bad one is an InputError naming it, never a silent fresh start."""
+    from learners import checkpoint
+    from pipeline.guard import InputError
+
+    folder = checkpoint.newest(storage_of(cfg) / "learners")
+    if folder is None:
+        return None
+    try:
+        checkpoint.verify(folder)
+    except checkpoint.CheckpointError as exc:
+        raise InputError(f"{exc} (the run {cfg.run.name} would resume from it: repair or delete {folder}, "
+                         f"or start a new run.name)") from None
+    return folder
+
+
 @dataclass
 class SessionResult:
     nets: dict[str, torch.nn.Module] = field(default_factory=dict)
@@ -213,6 +230,7 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
             raise ValueError(f"{stage}.batch_size={b} does not split over ray.learners={cfg.ray.learners}")
     if fresh:
         shutil.rmtree(storage_of(cfg), ignore_errors=True)
+    check_checkpoint(cfg)
     teacher_config = dict(nets["teacher"].config) if "teacher" in nets else models.arch_config(cfg.model.size)
     data_dir = str(Path(data_dir).resolve())
     train_split = read_train_split(data_dir)  # before any pool is placed: Ray Data's listing needs a CPU
@@ -222,7 +240,7 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
     for name, net in nets.items():
         ray.get(hub.put_net.remote(name, {k: v.detach().cpu() for k, v in net.state_dict().items()}))
     setup = SessionSetup(cfg, list(stages), data_dir, null_embed, teacher_config, hub, train_split,
-                         threads=max(1, int(round(cfg.ray.learner_cpus))), use_gpu=cfg.ray.learner_gpus > 0)
+                         threads=cfg.ray.learner_threads or max(1, int(round(cfg.ray.learner_cpus))), use_gpu=cfg.ray.learner_gpus > 0)
     fit = FitThread(make_trainer(cfg, setup))
     fit.start()
     out = SessionResult(nets=dict(nets))

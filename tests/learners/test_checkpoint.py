@@ -132,3 +132,25 @@ def test_a_checkpoint_of_another_architecture_is_refused(process_group, tmp_path
     e2, ema2 = ds.wrap(other, OPTIM, 2, 2, keep_ema=True)
     with pytest.raises(checkpoint.CheckpointError, match="another architecture"):
         checkpoint.load(folder, _trainable(e2, ema2), 2, 0)
+
+
+def test_the_run_checks_its_newest_checkpoint_before_any_work(process_group, tmp_path):
+    """A truncated tensor file in the newest Ray Train checkpoint stops the run at once with an
+    InputError naming the file (exit status 2 at the entry point), instead of a fresh start."""
+    from learners import checkpoint
+    from pipeline import distributed
+    from pipeline.config import load_config
+    from pipeline.guard import InputError
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=resumable"])
+    storage = distributed.storage_of(cfg) / "learners"
+    engine, ema = _engine(2)
+    _step(engine, ema, 0)
+    for stamp in ("2026-11-26_10-00-00.000001", "2026-11-26_10-05-00.000001"):
+        checkpoint.save(storage / f"checkpoint_{stamp}", _trainable(engine, ema), {"stage": "teacher", "step": 1}, 2, 0)
+    newest = storage / "checkpoint_2026-11-26_10-05-00.000001"
+    assert distributed.check_checkpoint(cfg) == newest
+    moments = newest / "student.optim.safetensors"
+    moments.write_bytes(moments.read_bytes()[:-10])
+    with pytest.raises(InputError, match=f"{moments} is corrupt.*resume from it"):
+        distributed.check_checkpoint(cfg)
