@@ -171,8 +171,9 @@ class EvalConfig:
 
 @dataclass
 class RayConfig:
-    backend: str = "reference"
-    """where stage 2 and the consistency baseline train: "reference" (one process) or "ray" (actors + learners)"""
+    backend: str = "ray"
+    """where the training stages run: "ray" (one learner group for every stage, a rollout fleet per
+    on-policy stage) or "reference" (everything in this one process: the correctness oracle)"""
     address: str = ""
     """Ray cluster to join ("auto", "ray://host:10001", host:port); empty: start a local Ray in this process"""
     rollout_actors: int = 1
@@ -181,20 +182,23 @@ class RayConfig:
     """scorer actors (frozen teacher + critic snapshot: the DMD target); steps go to them round-robin"""
     learners: int = 1
     """data-parallel Ray Train workers (DeepSpeed); the global batch is split evenly between them"""
-    rollout_cpus: float = 1.0
+    rollout_cpus: float = 0.5
     """CPUs reserved per rollout actor (fractional allowed)"""
-    scorer_cpus: float = 1.0
+    scorer_cpus: float = 0.5
     """CPUs reserved per scorer actor (fractional allowed)"""
     learner_cpus: float = 1.0
     """CPUs reserved per learner worker (fractional allowed)"""
+    learner_threads: int = 0
+    """torch threads per learner worker (0: the reserved CPUs, rounded, at least 1)"""
     rollout_gpus: float = 0.0
     """GPUs per rollout actor (fractional allowed; > 0 runs the student on CUDA)"""
     scorer_gpus: float = 0.0
     """GPUs per scorer actor (fractional allowed; > 0 runs teacher and critic on CUDA)"""
     learner_gpus: float = 0.0
     """GPUs per learner worker (> 0: CUDA and NCCL; 0: CPU, gloo and DS_ACCELERATOR=cpu)"""
-    max_policy_lag: int = 0
-    """bound on (learner version - student version of a rollout); 0 reproduces the reference step for step"""
+    max_policy_lag: int = 1
+    """bound on (learner version - student version of a rollout): rollouts of step i may start once version
+    i - L is out, overlapping rollout and learning; 0 reproduces the reference step for step"""
     buffer_capacity: int = 2
     """steps of rollouts the replay buffer may hold; rollouts wait (never dropped) when it is full"""
     zero_stage: int = 2
@@ -306,6 +310,7 @@ def _check_ray(cfg: Config) -> None:
     _require(r.max_policy_lag >= 0, "ray.max_policy_lag", "must be >= 0 (0: strictly on-policy)")
     _require(r.buffer_capacity >= 1, "ray.buffer_capacity", "must be >= 1 step of rollouts")
     _require(r.zero_stage in (2, 3), "ray.zero_stage", "DeepSpeed ZeRO stage must be 2 or 3")
+    _require(r.learner_threads >= 0, "ray.learner_threads", "must be >= 0 (0: from ray.learner_cpus)")
     _require(r.actor_restarts >= -1, "ray.actor_restarts", "must be >= 0, or -1 for no limit")
     if r.backend == "ray":
         for name in ("teacher", "stage1", "stage2", "consistency"):

@@ -19,7 +19,7 @@ from pipeline.metrics import BAD_IN_A_ROW, CRITIC_SKIPPED_STEPS, SKIPPED_STEPS, 
 from pipeline.run import main
 
 TINY = [
-    "run.track=false", "model.size=tiny", "model.shift=3.0",
+    "run.track=false", "model.size=tiny", "model.shift=3.0", "ray.backend=reference",
     "data.toy.frames=4", "data.toy.height=8", "data.toy.width=8", "data.toy.num_train=64",
     "data.toy.num_heldout=16", "data.toy.embed_dim=16", "data.toy.shard_rows=32",
     "teacher.steps=3", "teacher.batch_size=4", "teacher.optim.warmup=1",

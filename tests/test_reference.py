@@ -17,7 +17,7 @@ from pipeline.flowmap.models import StudentFn, VelocityFn
 from pipeline.flowmap.simulate import anystep_sample
 
 TINY = [
-    "run.track=false", "model.size=tiny", "model.shift=3.0",
+    "run.track=false", "model.size=tiny", "model.shift=3.0", "ray.backend=reference",
     "data.toy.frames=4", "data.toy.height=8", "data.toy.width=8", "data.toy.num_train=64",
     "data.toy.num_heldout=16", "data.toy.embed_dim=16", "data.toy.shard_rows=32",
     "teacher.steps=40", "teacher.batch_size=8", "teacher.optim.warmup=5", "teacher.optim.ema=0.9",
