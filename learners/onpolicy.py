@@ -149,6 +149,7 @@ class OnPolicyLearner:
         self.u_fn, self.c_fn = StudentFn(self.student), VelocityFn(self.critic)
         self.settings, self.calls = reference.stage1_settings(cfg), reference.grad_calls_of(self.c)
         self.rows = T.rank_rows(self.c.batch_size, world, rank)
+        self._publishing = None
         self.guard = StepGuard(f"{stage} student", cfg.run.max_bad_steps)
         self.critic_guard = StepGuard(f"{stage} critic", cfg.run.max_bad_steps,
                                       (M.CRITIC_SKIPPED_STEPS, M.CRITIC_BAD_IN_A_ROW))
@@ -209,14 +210,21 @@ class OnPolicyLearner:
                 M.LEARNER_SECONDS: time.perf_counter() - t1, **guard_figures}
 
     def publish(self, version: int, rewind: bool = False) -> float:
-        """Version `version` to the WeightStore (every rank joins the gathers, rank 0 sends); its seconds."""
+        """Version `version` to the WeightStore (every rank joins the gathers, rank 0 sends); the seconds
+        the learner spent. The store's `ray.put` runs while the learner goes on with the next step
+        (actor calls from one caller run in order, and the driver waits on the store for the version
+        it needs); the previous publish's outcome is checked here, so an error still surfaces."""
         t0 = time.perf_counter()
         with self._ds.full_params(self.student, self.zero):
             student = self._ds.state_dict_of(self.student) if self.rank == 0 else None
         with self._ds.full_params(self.critic, self.zero):
             critic = self._ds.state_dict_of(self.critic) if self.rank == 0 else None
         if self.rank == 0:
-            ray.get(self.store.publish.remote(version, student, critic, rewind=rewind))
+            if self._publishing is not None:
+                ray.get(self._publishing)
+            self._publishing = self.store.publish.remote(version, student, critic, rewind=rewind)
+            if rewind:
+                ray.get(self._publishing)
         return time.perf_counter() - t0
 
     def report(self, step: int, figures: dict) -> None:
@@ -226,6 +234,8 @@ class OnPolicyLearner:
 
     def result(self) -> tuple[dict, dict] | None:
         """(student EMA, critic) state dicts on rank 0 (every rank joins the gather), None elsewhere."""
+        if self._publishing is not None:
+            ray.get(self._publishing)
         with self._ds.full_params(self.critic, self.zero):
             critic = self._ds.state_dict_of(self.critic) if self.rank == 0 else None
         if self.rank != 0:
