@@ -188,8 +188,9 @@ class RayConfig:
     """CPUs reserved per scorer actor (fractional allowed)"""
     learner_cpus: float = 1.0
     """CPUs reserved per learner worker (fractional allowed)"""
-    learner_threads: int = 0
-    """torch threads per learner worker (0: the reserved CPUs, rounded, at least 1)"""
+    learner_threads: int = 2
+    """torch threads per learner worker (0: its reserved CPUs, rounded, at least 1); 2 lets the default
+    2-core run use both cores in stages 0 and 1, when no rollout actor runs (8.4 vs 6.2 steps/s)"""
     rollout_gpus: float = 0.0
     """GPUs per rollout actor (fractional allowed; > 0 runs the student on CUDA)"""
     scorer_gpus: float = 0.0
