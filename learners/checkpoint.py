@@ -163,7 +163,7 @@ def verify(folder: str | Path) -> dict:
 
 def newest(storage: str | Path) -> Path | None:
     """The newest checkpoint folder Ray Train kept under `storage` (`checkpoint_<timestamp>`), or None."""
-    found = sorted(Path(storage).glob("checkpoint_*"))
+    found = sorted(p for p in Path(storage).glob("checkpoint_*") if p.is_dir())  # not ..._snapshot.json
     return found[-1] if found else None
 
 

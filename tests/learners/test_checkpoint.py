@@ -149,6 +149,7 @@ def test_the_run_checks_its_newest_checkpoint_before_any_work(process_group, tmp
     for stamp in ("2026-11-26_10-00-00.000001", "2026-11-26_10-05-00.000001"):
         checkpoint.save(storage / f"checkpoint_{stamp}", _trainable(engine, ema), {"stage": "teacher", "step": 1}, 2, 0)
     newest = storage / "checkpoint_2026-11-26_10-05-00.000001"
+    (storage / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's own file, not a checkpoint
     assert distributed.check_checkpoint(cfg) == newest
     moments = newest / "student.optim.safetensors"
     moments.write_bytes(moments.read_bytes()[:-10])

@@ -12,6 +12,8 @@ TINY = [
     "stage2.optim.warmup=5", "stage2.optim.ema_start=5", "stage2.critic_optim.warmup=3",
     # small pools: 4 logical CPUs hold every pool plus the one CPU Ray Data's file listing takes
     "ray.backend=ray", "ray.rollout_cpus=0.5", "ray.scorer_cpus=0.5", "ray.learner_cpus=0.75",
+    # strictly on-policy unless a test says otherwise: the reference comparisons need lag 0
+    "ray.max_policy_lag=0", "ray.learner_threads=1",
 ]
 CLUSTER_CPUS = 4
 
@@ -20,8 +22,10 @@ CLUSTER_CPUS = 4
 def ray_cluster():
     import ray
 
+    # log_to_driver=False: workers' logs (a fault drill's traceback, say) would otherwise reach
+    # the stderr of whichever later test is running when they arrive
     ray.init(address="local", num_cpus=CLUSTER_CPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False)
+             configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
