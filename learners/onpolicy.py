@@ -1,6 +1,7 @@
-"""The learners of the on-policy stage: the Ray Train `TorchTrainer` train function.
+"""One learner rank's on-policy stage (stage 2 or the consistency baseline), run by the session's
+train function (`learners.session.run_onpolicy`), and the pieces the session shares.
 
-Each worker (one data-parallel rank of W) builds the student and the critic as DeepSpeed
+Each rank (one data-parallel rank of W) builds the student and the critic as DeepSpeed
 engines (`learners.deepspeed_setup.wrap`), then for every step i:
 
 1. takes its slice refs of step i from the ReplayBuffer (rollout: x_old, x_crit; target: y);

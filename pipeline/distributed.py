@@ -283,11 +283,9 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
             fit.check()
         return out
     finally:
+        ray.kill(hub)  # learners still waiting on it (the driver failed) then fail and return
         if fit.is_alive():
-            ray.kill(hub)  # unblocks learners waiting on the hub; fit then fails and returns
             fit.join(timeout=60)
-        else:
-            ray.kill(hub)
 
 
 def _need(nets: dict, name: str) -> torch.nn.Module:
