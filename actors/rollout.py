@@ -76,7 +76,31 @@ def device_for(gpus: float) -> torch.device:
     return torch.device("cuda" if gpus > 0 else "cpu")
 
 
-class RolloutWorker:
+class WeightFollower:
+    """Mixin of the rollout and scorer actors: one network kept at the WeightStore's newest version
+    (`slot` 0: the student, 1: the critic), and whether Ray restarted the actor."""
+
+    def _follow(self, model: torch.nn.Module, slot: int) -> None:
+        self._followed, self._slot = model, slot
+        self.version = -1
+        self._reconstructed = _was_reconstructed()
+
+    def pull(self) -> float:
+        """Load the newest version if it is not the one we hold; returns the seconds spent."""
+        t0 = time.perf_counter()
+        version, refs = ray.get(self.store.latest.remote())
+        if version != self.version:  # newer, or older after a learner restart rewound the store
+            self._followed.load_state_dict(ray.get(refs[self._slot]))
+            self.version = version
+        return time.perf_counter() - t0
+
+    def _restarted(self) -> int:
+        """1 on the first call after Ray restarted this actor (it died and was made again), else 0."""
+        was, self._reconstructed = self._reconstructed, False
+        return int(was)
+
+
+class RolloutWorker(WeightFollower):
     def __init__(self, cfg: Config, store, student_config: dict, prompt_embeds: torch.Tensor,
                  null_embed: torch.Tensor, latent_shape: tuple[int, ...], threads: int = 1, gpus: float = 0.0):
         torch.set_num_threads(max(1, threads))
@@ -87,22 +111,7 @@ class RolloutWorker:
         self.u_fn = CallCounter(StudentFn(self.student))
         self.prompts = PromptRows(prompt_embeds.to(self.device), null_embed.to(self.device))
         self.num_rows = len(prompt_embeds)
-        self.version = -1
-        self._reconstructed = _was_reconstructed()
-
-    def pull(self) -> float:
-        """Load the newest student version if it is not the one we hold; returns the seconds spent."""
-        t0 = time.perf_counter()
-        version, refs = ray.get(self.store.latest.remote())
-        if version != self.version:  # newer, or older after a learner restart rewound the store
-            self.student.load_state_dict(ray.get(refs[0]))
-            self.version = version
-        return time.perf_counter() - t0
-
-    def _restarted(self) -> int:
-        """1 on the first call after Ray restarted this actor (it died and was made again), else 0."""
-        was, self._reconstructed = self._reconstructed, False
-        return int(was)
+        self._follow(self.student, slot=0)
 
     @torch.no_grad()
     def rollout(self, step: int, stage: str, num_learners: int) -> list:

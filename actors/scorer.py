@@ -21,7 +21,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from actors import trajectory as T
-from actors.rollout import CallCounter, PromptRows, _was_reconstructed, device_for, draws_to
+from actors.rollout import CallCounter, PromptRows, WeightFollower, device_for, draws_to
 from pipeline import metrics as M
 from pipeline import reference
 from pipeline.config import Config
@@ -29,7 +29,7 @@ from pipeline.flowmap import losses
 from pipeline.flowmap.models import VelocityFn
 
 
-class Scorer:
+class Scorer(WeightFollower):
     def __init__(self, cfg: Config, store, teacher_config: dict, teacher_state: dict, prompt_embeds: torch.Tensor,
                  null_embed: torch.Tensor, latent_shape: tuple[int, ...], threads: int = 1, gpus: float = 0.0):
         torch.set_num_threads(max(1, threads))
@@ -40,25 +40,10 @@ class Scorer:
         self.critic = self._frozen(teacher_config)
         self.prompts = PromptRows(prompt_embeds.to(self.device), null_embed.to(self.device))
         self.num_rows = len(prompt_embeds)
-        self.version = -1
-        self._reconstructed = _was_reconstructed()
+        self._follow(self.critic, slot=1)
 
     def _frozen(self, config: dict) -> WanTransformer3DModel:
         return WanTransformer3DModel.from_config(config).to(self.device).eval().requires_grad_(False)
-
-    def pull(self) -> float:
-        """Load the newest critic version if it is not the one we hold; returns the seconds spent."""
-        t0 = time.perf_counter()
-        version, refs = ray.get(self.store.latest.remote())
-        if version != self.version:  # newer, or older after a learner restart rewound the store
-            self.critic.load_state_dict(ray.get(refs[1]))
-            self.version = version
-        return time.perf_counter() - t0
-
-    def _restarted(self) -> int:
-        """1 on the first call after Ray restarted this actor (it died and was made again), else 0."""
-        was, self._reconstructed = self._reconstructed, False
-        return int(was)
 
     @torch.no_grad()
     def score(self, step: int, stage: str, *rollout_slices: dict) -> list:

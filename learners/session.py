@@ -213,12 +213,17 @@ def _stages_to_run(s: SessionSetup, resume: Resume | None) -> list[tuple[str, Re
     return [(resume.stage, resume)] + [(stage, None) for stage in s.stages[at + 1:]]
 
 
+def _resume(s: SessionSetup, learner, resume: Resume | None, rank: int) -> int:
+    """The step the stage starts at: 0, or that of the checkpoint loaded into `learner`'s engines."""
+    if resume is None:
+        return 0
+    return int(checkpoint.load(resume.folder, learner.trainables(), s.cfg.ray.zero_stage, rank)["step"])
+
+
 def run_supervised(s: SessionSetup, stage: str, data: OnDevice, rank: int, world: int, device, resume,
                    ckpt: Checkpointer) -> None:
     learner = SupervisedLearner(s, stage, data, rank, world, device)
-    start = 0
-    if resume is not None:
-        start = int(checkpoint.load(resume.folder, learner.trainables(), s.cfg.ray.zero_stage, rank)["step"])
+    start = _resume(s, learner, resume, rank)
     if rank == 0:
         ray.get(s.hub.begin.remote(stage, start))
     steps = getattr(s.cfg, stage).steps
@@ -243,9 +248,7 @@ def run_onpolicy(s: SessionSetup, stage: str, data: OnDevice, rank: int, world: 
     learner = OnPolicyLearner(s.cfg, stage, data, rank, world, device, store, buffer, Nets(s.teacher_config),
                               student_state, critic_state)
     del student_state, critic_state
-    start = 0
-    if resume is not None:
-        start = int(checkpoint.load(resume.folder, learner.trainables(), s.cfg.ray.zero_stage, rank)["step"])
+    start = _resume(s, learner, resume, rank)
     if rank == 0:  # a restarted group: forget what the failed one left half-taken
         ray.get(buffer.reset.remote())
     learner.publish(start, rewind=True)  # version `start`: what the first rollouts are made with
