@@ -14,7 +14,10 @@ critic's rollout; each call is batched over the step's rows, so these are calls 
 
 Before each rollout it loads the newest student version from the WeightStore if it is newer
 than the one it holds; the driver has already waited until that version is within the lag
-bound. A plain class; `ray.remote` is applied where it is launched.
+bound. With LoRA (the stage's `lora_rank` > 0) a version holds the adapters only: the actor
+builds the same adapters on its own copy of the frozen base weights (the stage's initial
+student, `base_state`) and loads just the adapters. A plain class; `ray.remote` is applied
+where it is launched.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from diffusers import AnyFlowTransformer3DModel
 from actors import trajectory as T
 from pipeline import reference
 from pipeline.config import Config
+from pipeline.flowmap import lora
 from pipeline.flowmap.models import StudentFn
 
 
@@ -76,12 +80,25 @@ def device_for(gpus: float) -> torch.device:
     return torch.device("cuda" if gpus > 0 else "cpu")
 
 
+def adapted(cfg: Config, stage: str, network: str, model: torch.nn.Module, base_state: dict | None) -> torch.nn.Module:
+    """`model` as the actor keeps it: with the stage's LoRA, `base_state` loaded and the adapters added
+    (their weights come with every version); without LoRA unchanged (a version carries everything)."""
+    if reference.lora_of(getattr(cfg, stage)) is None:
+        return model
+    if base_state is None:
+        raise ValueError(f"{stage} trains LoRA adapters: the {network} actor needs the base weights (base_state)")
+    model.load_state_dict(base_state)
+    return reference.with_adapters(cfg, stage, network, model)
+
+
 class WeightFollower:
     """Mixin of the rollout and scorer actors: one network kept at the WeightStore's newest version
-    (`slot` 0: the student, 1: the critic), and whether Ray restarted the actor."""
+    (`slot` 0: the student, 1: the critic; the whole state, or only its adapters if it has LoRA
+    adapters), and whether Ray restarted the actor."""
 
     def _follow(self, model: torch.nn.Module, slot: int) -> None:
         self._followed, self._slot = model, slot
+        self._adapters_only = lora.has_adapters(model)
         self.version = -1
         self._reconstructed = _was_reconstructed()
 
@@ -90,7 +107,11 @@ class WeightFollower:
         t0 = time.perf_counter()
         version, refs = ray.get(self.store.latest.remote())
         if version != self.version:  # newer, or older after a learner restart rewound the store
-            self._followed.load_state_dict(ray.get(refs[self._slot]))
+            state = ray.get(refs[self._slot])
+            if self._adapters_only:
+                lora.load_adapter_state_dict(self._followed, state)
+            else:
+                self._followed.load_state_dict(state)
             self.version = version
         return time.perf_counter() - t0
 
@@ -102,12 +123,13 @@ class WeightFollower:
 
 class RolloutWorker(WeightFollower):
     def __init__(self, cfg: Config, store, student_config: dict, prompt_embeds: torch.Tensor,
-                 null_embed: torch.Tensor, latent_shape: tuple[int, ...], threads: int = 1, gpus: float = 0.0):
+                 null_embed: torch.Tensor, latent_shape: tuple[int, ...], threads: int = 1, gpus: float = 0.0,
+                 stage: str = "stage2", base_state: dict | None = None):
         torch.set_num_threads(max(1, threads))
         self.cfg, self.store, self.latent_shape = cfg, store, tuple(latent_shape)
         self.device = device_for(gpus)
-        self.student = AnyFlowTransformer3DModel.from_config(student_config).to(self.device).eval()
-        self.student.requires_grad_(False)
+        student = adapted(cfg, stage, "student", AnyFlowTransformer3DModel.from_config(student_config), base_state)
+        self.student = student.to(self.device).eval().requires_grad_(False)
         self.u_fn = CallCounter(StudentFn(self.student))
         self.prompts = PromptRows(prompt_embeds.to(self.device), null_embed.to(self.device))
         self.num_rows = len(prompt_embeds)

@@ -7,8 +7,9 @@ The rollout slices arrive as top-level arguments, so Ray resolves them here (the
 besides the learners that reads trajectory bytes). The DMD noise level and noise are the
 step's generator draws (`reference.stage2_draws`), so the target is the reference's. The
 critic is pulled from the WeightStore (newest version) before scoring; its version tags the
-target. The metadata also carries the scorer's seconds, bytes, torch threads and network
-calls (`teacher_calls`, `critic_calls`: batched calls per step). Launch with
+target. With LoRA the critic is the teacher's weights plus adapters, and a version carries
+the adapters only. The metadata also carries the scorer's seconds, bytes, torch threads and
+network calls (`teacher_calls`, `critic_calls`: batched calls per step). Launch with
 `.options(num_returns=W + 1)`; a plain class, `ray.remote` applied where it is launched.
 """
 
@@ -21,7 +22,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from actors import trajectory as T
-from actors.rollout import CallCounter, PromptRows, WeightFollower, device_for, draws_to
+from actors.rollout import CallCounter, PromptRows, WeightFollower, adapted, device_for, draws_to
 from pipeline import metrics as M
 from pipeline import reference
 from pipeline.config import Config
@@ -31,19 +32,22 @@ from pipeline.flowmap.models import VelocityFn
 
 class Scorer(WeightFollower):
     def __init__(self, cfg: Config, store, teacher_config: dict, teacher_state: dict, prompt_embeds: torch.Tensor,
-                 null_embed: torch.Tensor, latent_shape: tuple[int, ...], threads: int = 1, gpus: float = 0.0):
+                 null_embed: torch.Tensor, latent_shape: tuple[int, ...], threads: int = 1, gpus: float = 0.0,
+                 stage: str = "stage2"):
         torch.set_num_threads(max(1, threads))
         self.cfg, self.store, self.latent_shape = cfg, store, tuple(latent_shape)
         self.device = device_for(gpus)
-        self.teacher = self._frozen(teacher_config)
+        self.teacher = self._frozen(WanTransformer3DModel.from_config(teacher_config))
         self.teacher.load_state_dict(teacher_state)
-        self.critic = self._frozen(teacher_config)
+        # the critic starts as the teacher: with LoRA its base weights are the teacher's
+        critic = adapted(cfg, stage, "critic", WanTransformer3DModel.from_config(teacher_config), teacher_state)
+        self.critic = self._frozen(critic)
         self.prompts = PromptRows(prompt_embeds.to(self.device), null_embed.to(self.device))
         self.num_rows = len(prompt_embeds)
         self._follow(self.critic, slot=1)
 
-    def _frozen(self, config: dict) -> WanTransformer3DModel:
-        return WanTransformer3DModel.from_config(config).to(self.device).eval().requires_grad_(False)
+    def _frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def score(self, step: int, stage: str, *rollout_slices: dict) -> list:

@@ -3,13 +3,19 @@
 A checkpoint folder holds, for every trainable network NAME of the stage (the student and,
 in on-policy stages, the critic):
 
-    NAME.safetensors         full fp32 weights (gathered under ZeRO-3)
+    NAME.safetensors         full fp32 weights of the trained parameters, and the buffers
+                             (gathered under ZeRO-3)
     NAME.optim.safetensors   full AdamW moments, `<param>::exp_avg` and `<param>::exp_avg_sq`
                              (deepspeed.utils.safe_get_full_optimizer_state: ZeRO-2 and 3)
-    NAME.ema.safetensors     the EMA weights (when the network keeps one)
+    NAME.ema.safetensors     the EMA weights of the same tensors (when the network keeps one)
     rng.safetensors          the learner's torch CPU RNG state
     meta.json                format, stage, step, weight version, optimiser step counts,
-                             warm-up schedule states, the networks' configs, world size
+                             warm-up schedule states, the networks' configs and LoRA
+                             adapters (rank, alpha, layers, or null), world size
+
+Without LoRA every parameter is trained, so the files hold the whole network. With LoRA
+they hold the adapters only: the frozen base weights are the stage's input network, which a
+resumed stage starts from again (the stage-1 student, the teacher), so they are not copied.
 
 Every random draw of a step is a function of (seed, stage, step) (pipeline/flowmap/draws.py),
 so the step is also the data position: a resumed stage draws exactly the batches it would
@@ -40,6 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from learners import deepspeed_setup as ds
+from pipeline.flowmap import lora
 from pipeline.flowmap.optim import EMA
 
 FORMAT = 1
@@ -77,9 +84,9 @@ def save(folder: str | Path, trainables: dict[str, Trainable], meta: dict, zero_
     for name, t in trainables.items():
         e = t.engine
         with ds.full_params(e, zero_stage):
-            weights = ds.state_dict_of(e) if rank == 0 else None
+            weights = ds.trained_state_of(e) if rank == 0 else None
         moments = {}
-        for pname, p in e.module.named_parameters():
+        for pname, p in _trained(e).items():
             for key in MOMENTS:
                 value = safe_get_full_optimizer_state(p, key)  # a collective: every rank
                 if rank == 0:
@@ -88,15 +95,20 @@ def save(folder: str | Path, trainables: dict[str, Trainable], meta: dict, zero_
             save_file(weights, folder / f"{name}.safetensors")
             save_file(moments, folder / f"{name}.optim.safetensors")
             if t.ema is not None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in t.ema.state_dict().items()},
+                save_file({k: v.detach().cpu().contiguous() for k, v in t.ema.state_dict().items() if k in weights},
                           folder / f"{name}.ema.safetensors")
             info[name] = {"optimizer_steps": _optimizer_steps(e), "schedule": _jsonable(e.lr_scheduler.state_dict()),
-                          "config": _arch(e), "ema": t.ema is not None}
+                          "config": _arch(e), "ema": t.ema is not None, "lora": lora.describe(e.module)}
     if rank != 0:
         return None
     save_file({"cpu": torch.get_rng_state()}, folder / "rng.safetensors")
     (folder / META).write_text(json.dumps({"format": FORMAT, **meta, "networks": info}, indent=1, default=str))
     return folder
+
+
+def _trained(engine) -> dict:
+    """The engine's trained parameters by name (all of them without LoRA, the adapters with it)."""
+    return {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
 
 
 def _arch(engine) -> dict:
@@ -174,6 +186,21 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable: {exc}") from None
 
 
+def _lora_text(described: dict | None) -> str:
+    if described is None:
+        return "none (every parameter trained)"
+    return f"rank {described['rank']}, alpha {described['alpha']:g} on {len(described['layers'])} layers"
+
+
+def _load_ema(ema: EMA, state: dict[str, torch.Tensor], trained: set[str], path: Path) -> None:
+    """The EMA's trained tensors (and buffers) from `state`; its frozen ones stay the base weights."""
+    missing, unexpected = ema.model.load_state_dict(state, strict=False)
+    lacking = [k for k in missing if k in trained]
+    if unexpected or lacking:
+        raise CheckpointError(f"checkpoint file {path} does not fit the network: unexpected {unexpected[:3]}, "
+                              f"missing {lacking[:3]}")
+
+
 def load(folder: str | Path, trainables: dict[str, Trainable], zero_stage: int, rank: int) -> dict:
     """Restore every trainable from `folder` (a collective); returns the meta."""
     from deepspeed.utils import safe_set_full_optimizer_state
@@ -188,9 +215,14 @@ def load(folder: str | Path, trainables: dict[str, Trainable], zero_stage: int, 
         if info["config"] != json.loads(json.dumps(_arch(e), default=str)):
             raise CheckpointError(f"checkpoint {folder}: network {name} has another architecture than the one "
                                   f"configured (config differs)")
+        if info.get("lora") != lora.describe(e.module):
+            raise CheckpointError(f"checkpoint {folder}: network {name} was trained with LoRA adapters "
+                                  f"{_lora_text(info.get('lora'))}, the stage is configured with "
+                                  f"{_lora_text(lora.describe(e.module))} (set lora_rank, lora_alpha and "
+                                  f"lora_targets as they were)")
         weights = _read(folder / f"{name}.safetensors")
         moments = _read(folder / f"{name}.optim.safetensors")
-        params = dict(e.module.named_parameters())
+        params = _trained(e)
         missing = [p for p in params if p not in weights or f"{p}::exp_avg" not in moments]
         if missing:
             raise CheckpointError(f"checkpoint {folder}: {name} lacks {missing[:3]}")
@@ -222,7 +254,8 @@ def load(folder: str | Path, trainables: dict[str, Trainable], zero_stage: int, 
         if t.ema is not None:
             if not info.get("ema"):
                 raise CheckpointError(f"checkpoint {folder}: {name} was saved without its EMA")
-            t.ema.load_state_dict(_read(folder / f"{name}.ema.safetensors"))
+            path = folder / f"{name}.ema.safetensors"
+            _load_ema(t.ema, _read(path), set(params), path)
     if rank == 0:
         torch.set_rng_state(_read(folder / "rng.safetensors")["cpu"])
     return meta

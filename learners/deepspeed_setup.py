@@ -2,12 +2,15 @@
 
 `wrap(model, optim, ...)` applies, in this order:
 
-1. training mode, every parameter trained (LoRA would select the adapters here);
-2. the EMA copy of the full weights, taken before sharding (ZeRO-3 partitions the module
-   in place);
+1. LoRA adapters when asked for (`pipeline.flowmap.lora.add_adapters`: base weights frozen,
+   adapters initialised from the given generator, the same as the reference's), then training
+   mode with the trainable parameters: the adapters only, or every parameter without LoRA;
+2. the EMA copy of the weights (adapters included), taken before sharding (ZeRO-3
+   partitions the module in place);
 3. the client optimiser and warm-up schedule: the reference's own objects
-   (`pipeline.flowmap.optim.optimizer_from`: torch AdamW with the config's lr, betas and
-   weight decay, and the linear warm-up LambdaLR), so the update rule is the same code;
+   (`pipeline.flowmap.optim.optimizer_from`: torch AdamW over the trainable parameters with
+   the config's lr, betas and weight decay, and the linear warm-up LambdaLR), so the update
+   rule is the same code;
 4. the DeepSpeed engine: ZeRO stage 2 or 3, gradient clipping by DeepSpeed (same formula
    as `torch.nn.utils.clip_grad_norm_`: scale by clip / (norm + 1e-6) when above),
    `zero_allow_untested_optimizer` because the optimiser is a client torch AdamW.
@@ -30,6 +33,7 @@ from contextlib import nullcontext
 import torch
 
 from pipeline.config import OptimConfig
+from pipeline.flowmap.lora import LoraSettings, add_adapters, mark_trainable
 from pipeline.flowmap.optim import EMA, optimizer_from
 
 
@@ -61,12 +65,16 @@ def ds_config(optim: OptimConfig, zero_stage: int, micro_batch: int) -> dict:
     }
 
 
-def wrap(model: torch.nn.Module, optim: OptimConfig, zero_stage: int, micro_batch: int,
-         keep_ema: bool) -> tuple[torch.nn.Module, EMA | None]:
-    """(DeepSpeed engine, EMA of the weights or None): the ordered wrapping described above."""
+def wrap(model: torch.nn.Module, optim: OptimConfig, zero_stage: int, micro_batch: int, keep_ema: bool,
+         lora: LoraSettings | None = None,
+         lora_init: torch.Generator | None = None) -> tuple[torch.nn.Module, EMA | None]:
+    """(DeepSpeed engine, EMA of the weights or None): the ordered wrapping described above. With `lora`,
+    `lora_init` draws the adapters' initialisation (`pipeline.flowmap.lora.init_generator`)."""
     deepspeed = _deepspeed()
-    # 1. training mode, every parameter trained
-    model = model.train().requires_grad_(True)
+    # 1. LoRA adapters (if asked for); training mode, the trainable parameters
+    if lora is not None:
+        model = add_adapters(model, lora, lora_init)
+    model = mark_trainable(model)
     # 2. the EMA copy, before ZeRO-3 shards the parameters
     ema = EMA(model, optim.ema, optim.ema_start) if keep_ema else None
     # 3. the reference's optimiser and warm-up schedule
@@ -77,16 +85,25 @@ def wrap(model: torch.nn.Module, optim: OptimConfig, zero_stage: int, micro_batc
     return engine, ema
 
 
-def full_params(engine, zero_stage: int, modifier_rank: int | None = None):
-    """Context in which `engine.module` holds every parameter in full; a collective under ZeRO-3
+def full_params(engine, zero_stage: int, modifier_rank: int | None = None, frozen: bool = False):
+    """Context in which `engine.module` holds its trained parameters in full (with `frozen`, the frozen
+    ones too: LoRA's base weights; without LoRA every parameter is trained); a collective under ZeRO-3
     (every rank must enter it), nothing to do under ZeRO-2 (parameters are replicated). With
     `modifier_rank`, that rank's changes to the parameters are scattered back on exit."""
     if zero_stage < 3:
         return nullcontext()
     deepspeed = _deepspeed()
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=modifier_rank)
+    params = [p for p in engine.module.parameters() if frozen or p.requires_grad]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def state_dict_of(engine) -> dict:
-    """A detached CPU copy of the module's state (call inside `full_params`)."""
+    """A detached CPU copy of the module's state (call inside `full_params(..., frozen=True)`)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
+
+
+def trained_state_of(engine) -> dict:
+    """A detached CPU copy of the module's state without its frozen parameters (call inside
+    `full_params`): every tensor without LoRA, the adapters and buffers with it."""
+    frozen = {name for name, p in engine.module.named_parameters() if not p.requires_grad}
+    return {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items() if k not in frozen}

@@ -14,7 +14,12 @@ engines (`learners.deepspeed_setup.wrap`), then for every step i:
 4. updates the student EMA (rank 0 holds it), then trains the critic by flow matching on
    the buffered x_crit with the critic draws;
 5. publishes version i + 1 to the WeightStore: under ZeRO-3 every rank joins the gather,
-   rank 0 sends the full state dicts and the step's figures (losses averaged over ranks).
+   rank 0 sends the state dicts (the full ones, or with LoRA (`lora_rank` > 0) the adapters
+   only: the actors hold the frozen base weights themselves) and the step's figures (losses
+   averaged over ranks).
+
+With LoRA both networks train adapters only (`deepspeed_setup.wrap` adds them, initialised
+like the reference's); the stage's result is merged into plain weights (`result`).
 
 Co-training data: every learner holds the *whole* train split, not a shard of it. The step's
 draws address rows by their global index in the split (exactly as the reference does), so
@@ -40,7 +45,7 @@ from actors.rollout import draws_to
 from pipeline import reference
 from pipeline.config import Config
 from pipeline.data.schema import LatentDataset, batch_to_tensors, read_meta, shard_paths
-from pipeline.flowmap import losses
+from pipeline.flowmap import lora, losses
 from pipeline.flowmap.draws import slice_rows
 from pipeline.flowmap.models import StudentFn, VelocityFn
 from pipeline import metrics as M
@@ -145,8 +150,12 @@ class OnPolicyLearner:
         student, critic = nets.student(student_state), nets.teacher(critic_state)
         student, critic = student.to(device), critic.to(device)
         micro = self.c.batch_size // world
-        self.student, self.ema = ds.wrap(student, self.c.optim, self.zero, micro, keep_ema=rank == 0)
-        self.critic, _ = ds.wrap(critic, self.c.critic_optim, self.zero, micro, keep_ema=False)
+        settings, seed = reference.lora_of(self.c), cfg.run.seed
+        self.student, self.ema = ds.wrap(student, self.c.optim, self.zero, micro, keep_ema=rank == 0, lora=settings,
+                                         lora_init=lora.init_generator(seed, stage, "student"))
+        self.critic, _ = ds.wrap(critic, self.c.critic_optim, self.zero, micro, keep_ema=False, lora=settings,
+                                 lora_init=lora.init_generator(seed, stage, "critic"))
+        self.lora = settings is not None
         self.u_fn, self.c_fn = StudentFn(self.student), VelocityFn(self.critic)
         self.settings, self.calls = reference.stage1_settings(cfg), reference.grad_calls_of(self.c)
         self.rows = T.rank_rows(self.c.batch_size, world, rank)
@@ -210,16 +219,21 @@ class OnPolicyLearner:
                 M.LOSS_CRITIC: float(means[3]), M.GRAD_NORM_STUDENT: norm, M.WAIT_SECONDS: t1 - t0,
                 M.LEARNER_SECONDS: time.perf_counter() - t1, **guard_figures}
 
+    def _synced(self, engine) -> dict | None:
+        """What a version carries of `engine` (rank 0; None elsewhere): its adapters with LoRA, else its
+        whole state. A collective under ZeRO-3 (only the trained parameters are gathered)."""
+        with self._ds.full_params(engine, self.zero):
+            if self.rank != 0:
+                return None
+            return lora.adapter_state_dict(engine.module) if self.lora else self._ds.state_dict_of(engine)
+
     def publish(self, version: int, rewind: bool = False) -> float:
         """Version `version` to the WeightStore (every rank joins the gathers, rank 0 sends); the seconds
         the learner spent. The store's `ray.put` runs while the learner goes on with the next step
         (actor calls from one caller run in order, and the driver waits on the store for the version
         it needs); the previous publish's outcome is checked here, so an error still surfaces."""
         t0 = time.perf_counter()
-        with self._ds.full_params(self.student, self.zero):
-            student = self._ds.state_dict_of(self.student) if self.rank == 0 else None
-        with self._ds.full_params(self.critic, self.zero):
-            critic = self._ds.state_dict_of(self.critic) if self.rank == 0 else None
+        student, critic = self._synced(self.student), self._synced(self.critic)
         if self.rank == 0:
             if self._publishing is not None:
                 ray.get(self._publishing)
@@ -234,11 +248,12 @@ class OnPolicyLearner:
             self.store.report.remote(step, figures)
 
     def result(self) -> tuple[dict, dict] | None:
-        """(student EMA, critic) state dicts on rank 0 (every rank joins the gather), None elsewhere."""
+        """(student EMA, critic) state dicts on rank 0 (every rank joins the gather), None elsewhere:
+        plain diffusers state dicts, with LoRA the adapters merged into the base weights."""
         if self._publishing is not None:
             ray.get(self._publishing)
-        with self._ds.full_params(self.critic, self.zero):
-            critic = self._ds.state_dict_of(self.critic) if self.rank == 0 else None
+        with self._ds.full_params(self.critic, self.zero, frozen=True):
+            critic = lora.merged_state_dict(self.critic.module) if self.rank == 0 else None
         if self.rank != 0:
             return None
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.ema.state_dict().items()}, critic
+        return lora.merged_state_dict(self.ema.model), critic

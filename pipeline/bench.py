@@ -44,7 +44,8 @@ FIGURES = {
                    "(mean, max; goal max <= 3), against a full N-step rollout (mean of num_steps_choices)",
     "weight_sync_s": "seconds per weight sync (the learner's publish of student + critic, sync/seconds), "
                      "against a torch clone of the same state dicts in this process (weight_copy_s, ratio)",
-    "weight_sync_bytes": "bytes per weight sync (student + critic tensors)",
+    "weight_sync_bytes": "bytes per weight sync (student + critic tensors; with --lora-rank the adapters only), "
+                         "against weight_full_bytes, the full student + critic state",
     "object_store_bytes_per_trajectory": "object-store bytes of one trajectory (rollout + target objects, "
                                          "as Ray sized them) from polling Ray",
     "object_store_peak_bytes": "peak trajectory bytes held in the object store at once over the runs, against "
@@ -165,12 +166,12 @@ class ObjectStorePoller(threading.Thread):
 # ----------------------------------------------------------------------------- one run each
 
 
-def bench_config(preset: str, out: Path, name: str, steps: int, lag: int = 0):
+def bench_config(preset: str, out: Path, name: str, steps: int, lag: int = 0, lora_rank: int = 0):
     from pipeline.config import load_config
 
     return load_config(None, [*PRESETS[preset], f"run.output_dir={out}", f"run.name={name}", "run.track=false",
-                              f"stage2.steps={steps}", "ray.backend=ray", f"ray.max_policy_lag={lag}",
-                              *(f"ray.{k}={v}" for k, v in POOLS.items())])
+                              f"stage2.steps={steps}", f"stage2.lora_rank={lora_rank}", "ray.backend=ray",
+                              f"ray.max_policy_lag={lag}", *(f"ray.{k}={v}" for k, v in POOLS.items())])
 
 
 def steady_seconds(finish_times: list[float], warmup: int) -> float:
@@ -306,12 +307,27 @@ def timing_figures(ref: list[dict], runs: list[dict]) -> dict:
     }
 
 
-def sync_figures(runs: list[dict], states: list[dict]) -> dict:
+def synced_states(cfg, student: torch.nn.Module, teacher: torch.nn.Module) -> list[dict]:
+    """What one weight sync carries: the student and critic (= teacher at the start) states, or with LoRA
+    their adapters (built as the learners build them)."""
+    import copy
+
+    from pipeline import reference
+    from pipeline.flowmap import lora
+
+    if reference.lora_of(cfg.stage2) is None:
+        return [student.state_dict(), teacher.state_dict()]
+    return [lora.adapter_state_dict(reference.with_adapters(cfg, "stage2", name, copy.deepcopy(net)))
+            for name, net in (("student", student), ("critic", teacher))]
+
+
+def sync_figures(runs: list[dict], states: list[dict], full_bytes: int) -> dict:
     lag0 = [r for r in runs if r["lag"] == 0]
     sync_s = _median(s for r in lag0 for s in r["sync_s"])
     copy_s = clone_seconds(states)
     stores = [r["store"] for r in lag0]
     return {"weight_sync_s": sync_s, "weight_sync_bytes": max(r["store"]["bytes_per_version"] for r in runs),
+            "weight_full_bytes": full_bytes,
             "weight_copy_s": copy_s, "weight_sync_over_copy": sync_s / copy_s if sync_s and copy_s else None,
             "weight_sync_store_put_s": _median(s["put_seconds_total"] / s["publishes"] for s in stores),
             "weight_pull_s": _median(s for r in lag0 for s in r["pull_s"])}
@@ -337,7 +353,7 @@ def _bench_pipeline(args: argparse.Namespace, out: Path) -> dict:
     from pipeline.stages import prepare_data
 
     warmup = args.warmup
-    cfg = bench_config(args.preset, out, "bench", args.steps)
+    cfg = bench_config(args.preset, out, "bench", args.steps, lora_rank=args.lora_rank)
     data_dir = prepare_data(cfg)
     teacher = models.build_teacher(cfg.model.size, seed=cfg.model.init_seed)
     student = models.student_from_teacher(teacher)
@@ -351,17 +367,18 @@ def _bench_pipeline(args: argparse.Namespace, out: Path) -> dict:
         _say(f"reference: {ref[-1]['step_s']:.3f} s/step")
         for lag in LAGS:
             _say(f"repeat {rep + 1}/{args.repeats}: Ray at max_policy_lag={lag}, {args.steps} steps")
-            run_cfg = bench_config(args.preset, out, f"bench-r{rep}-lag{lag}", args.steps, lag)
+            run_cfg = bench_config(args.preset, out, f"bench-r{rep}-lag{lag}", args.steps, lag, args.lora_rank)
             runs.append({**run_ray(run_cfg, student, teacher, data_dir, warmup, args.poll_s), "lag": lag})
             _say(f"lag {lag}: {runs[-1]['step_s']:.3f} s/step, start-up {runs[-1]['startup_s']:.1f} s, "
                  f"object-store peak {runs[-1]['poller'].peak_bytes} B")
     load.append(os.getloadavg()[0])
     return {
         "bench": "pipeline", "preset": args.preset, "steps": args.steps, "warmup_steps": warmup,
-        "repeats": args.repeats,
+        "repeats": args.repeats, "lora_rank": args.lora_rank,
         **timing_figures(ref, runs), "ray_init_s": ray_init_s,
         "rollout_nfe": nfe_figures(runs, cfg.stage2.num_steps_choices),
-        **sync_figures(runs, [student.state_dict(), teacher.state_dict()]),
+        **sync_figures(runs, synced_states(cfg, student, teacher),
+                       sum(v.numel() * v.element_size() for m in (student, teacher) for v in m.state_dict().values())),
         **object_store_figures(runs, cfg),
         "threads": _threads(runs),
         "pools": POOLS,
@@ -426,6 +443,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default steps // 5)")
     p.add_argument("--poll-s", type=float, default=0.2, help="object-store polling interval in seconds")
     p.add_argument("--output-dir", default="", help="where runs and data go (default: a temporary folder)")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train LoRA adapters of this rank (stage2.lora_rank; weight syncs then carry the adapters "
+                        "only); 0: every parameter (default)")
     args = p.parse_args(argv)
     if args.name not in BENCHES:
         p.error(f"unknown benchmark {args.name!r}; choose from: {', '.join(BENCHES)}")
@@ -435,6 +455,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.warmup = max(1, args.steps // 5)
     if args.repeats < 1 or args.poll_s <= 0 or args.warmup < 1 or args.steps - args.warmup < 2:
         p.error("need --repeats >= 1, --poll-s > 0, --warmup >= 1 and --steps >= --warmup + 2 (steps to time)")
+    if args.lora_rank < 0:
+        p.error(f"--lora-rank {args.lora_rank}: must be >= 0 (0: train every parameter)")
     return args
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.data.toy import ToyWorldConfig
+from pipeline.flowmap.lora import DEFAULT_TARGETS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -151,6 +152,15 @@ class Stage2Config:
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, beta1=0.0, beta2=0.999,
                                                                            warmup=0, ema=0.0))
     """critic optimiser"""
+    lora_rank: int = 0
+    """LoRA rank of the student's and the critic's adapters (0: train every parameter). With LoRA the base
+    weights stay frozen (the critic is a full teacher copy, so it gets adapters too), only the adapters are
+    trained, checkpointed and sent to the rollout and scorer actors; the stage's result is merged"""
+    lora_alpha: float = 0.0
+    """LoRA scale numerator: the adapters add (lora_alpha / lora_rank) B A x (0: lora_alpha = lora_rank, scale 1)"""
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """linear layers given adapters: a module named one of these, or ending in "." + one (default: every
+    block's self- and cross-attention q, k, v, out and both FFN linears)"""
 
 
 @dataclass
@@ -290,6 +300,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{name}.grad_calls: {exc}") from None
         _require(0 <= sec.dmd_min_s < sec.dmd_max_s <= 1, f"{name}.dmd_min_s", "need 0 <= dmd_min_s < dmd_max_s <= 1")
         _require(sec.real_guidance >= 0, f"{name}.real_guidance", "must be >= 0")
+        _check_lora(cfg, name)
     _require(len(cfg.eval.steps) > 0 and all(n >= 1 for n in cfg.eval.steps), "eval.steps",
              "must be a non-empty list of step counts >= 1")
     _require(cfg.eval.num_samples >= 2, "eval.num_samples", "must be >= 2 (Frechet distance needs a covariance)")
@@ -318,6 +329,34 @@ def _check_ray(cfg: Config) -> None:
             b = getattr(cfg, name).batch_size
             _require(b % r.learners == 0, f"{name}.batch_size",
                      f"{b} rows do not split evenly over ray.learners={r.learners}; use a multiple of it")
+
+
+def _check_lora(cfg: Config, name: str) -> None:
+    """LoRA values, and that the targets name linear layers of the student and the critic (built on the
+    meta device from model.size: no memory, no random draws)."""
+    import torch
+
+    from pipeline.flowmap import lora, models
+
+    sec = getattr(cfg, name)
+    _require(sec.lora_rank >= 0, f"{name}.lora_rank", "must be >= 0 (0: train every parameter)")
+    _require(sec.lora_alpha >= 0, f"{name}.lora_alpha", "must be >= 0 (0: equal to lora_rank)")
+    if sec.lora_rank == 0:
+        return
+    targets = sec.lora_targets
+    _require(len(targets) > 0 and all(isinstance(t, str) and t.strip() == t and t for t in targets),
+             f"{name}.lora_targets", "must be a non-empty list of module names, like to_q or ffn.net.2")
+    with torch.device("meta"):
+        critic = models.build_teacher(cfg.model.size)
+        student = models.AnyFlowTransformer3DModel(**models.student_arch(critic.config))
+    missing = lora.unmatched_targets(student, targets)
+    _require(not missing, f"{name}.lora_targets", f"{missing} name no layer of the student (layer names look "
+                                                    f"like blocks.0.attn1.to_q, blocks.0.ffn.net.0.proj)")
+    for role, net in (("student", student), ("critic", critic)):
+        try:
+            lora.target_layers(net, targets)
+        except ValueError as exc:
+            raise ConfigError(f"{name}.lora_targets: {exc} (the {role})") from None
 
 
 def _check_optim(o: OptimConfig, key: str) -> None:

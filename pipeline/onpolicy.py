@@ -16,6 +16,7 @@ Who sends what to whom (refs travel, tensors stay in the object store):
                                                    trainer.fit() in a background thread)
     learner rank 0 --publish(i + 1, student, critic), report(i, figures)--> WeightStore
     WeightStore --latest()--> RolloutWorker (student) and Scorer (critic) before each call
+    (with LoRA a version holds the adapters only; the actors keep the frozen base weights)
 
 Every rollout of step i is made by a student version v >= i - L (step 1 and the actors'
 pull of the newest version), and the learner trains step i with version i: the policy lag
@@ -52,8 +53,8 @@ class Fleet:
     rollouts: list
     scorers: list
     pinned: list = field(default_factory=list)
-    """refs of the actors' constructor arguments (prompt table, teacher weights): held while the
-    fleet lives, because Ray needs them again to restart an actor that died"""
+    """refs of the actors' constructor arguments (prompt table, teacher weights, with LoRA the base
+    student): held while the fleet lives, because Ray needs them again to restart an actor that died"""
 
     def kill(self) -> None:
         for actor in [*self.rollouts, *self.scorers, self.buffer, self.store]:
@@ -79,18 +80,21 @@ def launch_fleet(cfg: Config, stage: str, student: torch.nn.Module, teacher: tor
     store = ray.remote(WeightStore).options(num_cpus=0).remote(keep=rc.max_policy_lag + 2)
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(rc.buffer_capacity, rc.learners)
     embeds, teacher_state = ray.put(prompt_embeds), ray.put(teacher.state_dict())
+    # with LoRA the rollout actors keep the frozen base student and receive only adapters
+    base_state = ray.put(student.state_dict()) if getattr(cfg, stage).lora_rank else None
     # a rollout or scorer actor that dies is made again by Ray (its constructor pulls the newest
     # weights) and the call it was running is retried: no step is lost, the restart is counted
     restart = dict(max_restarts=rc.actor_restarts, max_task_retries=rc.actor_restarts)
     rollouts = [ray.remote(RolloutWorker).options(
         num_cpus=rc.rollout_cpus, num_gpus=rc.rollout_gpus, name=f"{prefix}-rollout-{j}", **restart).remote(
         cfg, store, dict(student.config), embeds, null_embed, latent_shape, _threads(rc.rollout_cpus),
-        rc.rollout_gpus) for j in range(rc.rollout_actors)]
+        rc.rollout_gpus, stage, base_state) for j in range(rc.rollout_actors)]
     scorers = [ray.remote(Scorer).options(
         num_cpus=rc.scorer_cpus, num_gpus=rc.scorer_gpus, name=f"{prefix}-scorer-{j}", **restart).remote(
         cfg, store, dict(teacher.config), teacher_state, embeds, null_embed, latent_shape,
-        _threads(rc.scorer_cpus), rc.scorer_gpus) for j in range(rc.scorer_actors)]
-    return Fleet(store, buffer, rollouts, scorers, pinned=[embeds, teacher_state])
+        _threads(rc.scorer_cpus), rc.scorer_gpus, stage) for j in range(rc.scorer_actors)]
+    pinned = [ref for ref in (embeds, teacher_state, base_state) if ref is not None]
+    return Fleet(store, buffer, rollouts, scorers, pinned=pinned)
 
 
 class StepLog:

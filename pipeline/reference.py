@@ -20,7 +20,7 @@ import torch
 from pipeline import metrics as M
 from pipeline.config import Config, OptimConfig, Stage2Config
 from pipeline.data.schema import LatentDataset
-from pipeline.flowmap import draws, losses, models
+from pipeline.flowmap import draws, lora, losses, models
 from pipeline.flowmap.models import StudentFn, VelocityFn
 from pipeline.flowmap.optim import EMA, clip_grads, optimizer_from
 from pipeline.flowmap.schedule import PairFractions
@@ -61,7 +61,7 @@ class Trainee:
     """A model with its optimiser, warm-up schedule, EMA and bad-step guard."""
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, guard: StepGuard | None = None):
-        self.model = model.train().requires_grad_(True)
+        self.model = lora.mark_trainable(model)  # every parameter, or only the LoRA adapters if it has any
         self.cfg = optim
         self.opt, self.sched = optimizer_from(model.parameters(), optim)
         self.ema = EMA(model, optim.ema, optim.ema_start)
@@ -188,16 +188,34 @@ def grad_calls_of(c: Stage2Config) -> GradCalls:
     return GradCalls(**{name: name in c.grad_calls for name in ("shortcut_in", "real_step", "shortcut_out")})
 
 
+def lora_of(c: Stage2Config) -> lora.LoraSettings | None:
+    """The stage's LoRA settings, or None when it trains every parameter (`lora_rank` 0)."""
+    if c.lora_rank == 0:
+        return None
+    return lora.LoraSettings(c.lora_rank, c.lora_alpha or float(c.lora_rank), tuple(c.lora_targets))
+
+
+def with_adapters(cfg: Config, stage: str, network: str, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with the stage's LoRA adapters added (`network`: student or critic; the initialisation is
+    a function of (seed, stage, network), the same in every process), or unchanged without LoRA."""
+    settings = lora_of(getattr(cfg, stage))
+    if settings is None:
+        return model
+    return lora.add_adapters(model, settings, lora.init_generator(cfg.run.seed, stage, network))
+
+
 def train_stage2(cfg: Config, stage: str, student: torch.nn.Module, teacher: torch.nn.Module,
                  data: TrainData, log: Log) -> tuple[torch.nn.Module, torch.nn.Module]:
     """On-policy distillation (`stage2`) or the consistency baseline (`consistency`).
 
-    Returns (student EMA, critic).
+    Returns (student EMA, critic); with LoRA (`lora_rank` > 0) both train adapters only and come back
+    merged into plain diffusers models.
     """
     c: Stage2Config = getattr(cfg, stage)
     consistency = stage == "consistency"
-    gen_t = Trainee(copy.deepcopy(student), c.optim, _guard(cfg, stage))
-    critic_t = Trainee(copy.deepcopy(teacher), c.critic_optim, _guard(cfg, stage, critic=True))
+    gen_t = Trainee(with_adapters(cfg, stage, "student", copy.deepcopy(student)), c.optim, _guard(cfg, stage))
+    critic_t = Trainee(with_adapters(cfg, stage, "critic", copy.deepcopy(teacher)), c.critic_optim,
+                       _guard(cfg, stage, critic=True))
     teacher = teacher.eval().requires_grad_(False)
     u_fn, t_fn, c_fn = StudentFn(gen_t.model), VelocityFn(teacher), VelocityFn(critic_t.model)
     settings, calls = stage1_settings(cfg), grad_calls_of(c)
@@ -230,4 +248,6 @@ def train_stage2(cfg: Config, stage: str, student: torch.nn.Module, teacher: tor
                                   M.GRAD_NORM_STUDENT: norm, M.ROLLOUT_NUM_STEPS: gen.num_steps,
                                   M.ROLLOUT_K: gen.k, **{M.DMD_PREFIX + k: v for k, v in figs.items()},
                                   **gen_t.guard.figures(), **critic_t.guard.figures()}, t0)
-    return gen_t.ema.model, critic_t.model
+    if lora_of(c) is None:
+        return gen_t.ema.model, critic_t.model
+    return lora.merged(gen_t.ema.model).eval(), lora.merged(critic_t.model).eval()

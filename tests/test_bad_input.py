@@ -75,6 +75,29 @@ def test_bad_config_key_or_value(capsys, tmp_path, override, key):
     assert not (tmp_path / "runs").exists()  # a config error stops before even the toy data
 
 
+@pytest.mark.parametrize("overrides,names", [
+    (["stage2.lora_rank=-1"], ["stage2.lora_rank: must be >= 0"]),
+    (["stage2.lora_rank=2.5"], ["stage2.lora_rank: expected an integer"]),
+    (["consistency.lora_alpha=-1"], ["consistency.lora_alpha: must be >= 0"]),
+    (["stage2.lora_targets=to_q"], ["stage2.lora_targets: expected a list"]),
+    (["stage2.lora_rank=4", "stage2.lora_targets=[]"], ["stage2.lora_targets: must be a non-empty list"]),
+    (["stage2.lora_rank=4", "stage2.lora_targets=[to_q, attn1.to_qq]"],
+     ["stage2.lora_targets: ['attn1.to_qq'] name no layer of the student"]),
+    (["consistency.lora_rank=4", "consistency.lora_targets=[norm2]"],
+     ["consistency.lora_targets:", "blocks.0.norm2", "not a linear layer"]),
+    (["stage2.lora_rank=4", "stage2.lora_targets=[delta_embedder.linear_1]"],
+     ["stage2.lora_targets:", "select no layer of WanTransformer3DModel (the critic)"]),
+])
+def test_bad_lora_config_is_named(capsys, tmp_path, overrides, names):
+    assert_bad_input(capsys, tmp_path, *overrides, names=tuple(names))
+
+
+def test_lora_config_that_fits_both_networks_is_taken():
+    cfg = load_config(None, [*TINY, "stage2.lora_rank=4", "stage2.lora_targets=[attn1.to_q, ffn.net.2]"])
+    assert (cfg.stage2.lora_rank, cfg.stage2.lora_targets) == (4, ["attn1.to_q", "ffn.net.2"])
+    assert cfg.consistency.lora_rank == 0  # its own section
+
+
 # ----------------------------------------------------------------------------- model folders
 
 

@@ -29,7 +29,7 @@ def test_help_lists_every_figure():
         assert name in out.stdout, name
 
 
-@pytest.mark.parametrize("args", [["nope"], ["pipeline", "--preset", "huge"]])
+@pytest.mark.parametrize("args", [["nope"], ["pipeline", "--preset", "huge"], ["pipeline", "--lora-rank", "-1"]])
 def test_an_unknown_name_or_preset_is_one_line_on_stderr_and_status_2(args):
     out = _bench(*args)
     assert out.returncode == 2
@@ -109,7 +109,7 @@ def test_the_pipeline_bench_on_the_tiny_preset_reports_every_figure_sane(tmp_pat
     assert nfe["full_rollout_mean"] == 2 and 1 <= nfe["full_rollout_drawn_mean"] <= 3
 
     # weight sync: the bytes are exactly the student's and the critic's tensors
-    assert fig["weight_sync_bytes"] == _tiny_weight_bytes()
+    assert fig["weight_sync_bytes"] == fig["weight_full_bytes"] == _tiny_weight_bytes() and fig["lora_rank"] == 0
     assert fig["weight_sync_s"] > 0 and fig["weight_copy_s"] > 0 and fig["weight_sync_over_copy"] > 0
 
     # object store: a trajectory is x_old, x_crit and y (float32) plus serialisation overhead;

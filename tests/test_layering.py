@@ -11,9 +11,16 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_flowmap_and_data_import_without_ray_mlflow_deepspeed():
-    mods = ["pipeline.flowmap." + m for m in ("schedule", "models", "losses", "simulate", "oracle", "draws", "optim")]
+    mods = ["pipeline.flowmap." + m for m in ("schedule", "models", "losses", "simulate", "oracle", "draws", "optim",
+                                              "lora")]
     mods += ["pipeline.data.schema", "pipeline.data.toy", "pipeline.evaluate", "pipeline.reference", "pipeline.config"]
-    proc = _run("import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in mods) + "print('ok')")
+    # LoRA's peft and accelerate are imported when adapters are added and merged: that must not pull them in
+    lora_use = ("from pipeline.flowmap import lora, models\n"
+                "net = models.student_from_teacher(models.build_teacher('tiny', seed=0))\n"
+                "init = lora.init_generator(0, 'stage2', 'student')\n"
+                "lora.merged(lora.add_adapters(net, lora.LoraSettings(2, 2.0), init))\n")
+    proc = _run("import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in mods) + lora_use
+                + "print('ok')")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
 

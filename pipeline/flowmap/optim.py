@@ -26,6 +26,8 @@ class EMA:
 
     Before `start` the average tracks the weights exactly (copies them); from `start` on
     it is updated with `decay` after every optimiser step. `decay = 0` keeps a plain copy.
+    Frozen parameters (LoRA's base weights) never change, so they are left as copied: under
+    ZeRO-3 they need not be gathered for the update.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float, start: int = 0):
@@ -36,7 +38,8 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         d = self.decay if step >= self.start else 0.0
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - d)
+            if p.requires_grad:
+                e.lerp_(p.detach(), 1.0 - d)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 

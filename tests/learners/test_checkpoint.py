@@ -1,5 +1,6 @@
 """Learner checkpoints with real DeepSpeed engines (one gloo rank in this process): a resumed engine
-steps exactly like the one that never stopped, under ZeRO-2 and ZeRO-3; bad checkpoints are named."""
+steps exactly like the one that never stopped, under ZeRO-2 and ZeRO-3, with and without LoRA
+(then the files hold the adapters only); bad checkpoints are named."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import OptimConfig
-from pipeline.flowmap import models
+from pipeline.flowmap import lora, models
 from pipeline.flowmap.models import StudentFn
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -34,13 +35,15 @@ def process_group():
 
 
 OPTIM = OptimConfig(lr=3e-3, warmup=4, ema=0.9, ema_start=1)
+LORA = lora.LoraSettings(rank=2, alpha=4.0)
 
 
-def _engine(zero: int):
+def _engine(zero: int, settings: lora.LoraSettings | None = None):
     from learners import deepspeed_setup as ds
 
     student = models.student_from_teacher(models.build_teacher("tiny", seed=0))
-    return ds.wrap(student, OPTIM, zero, 2, keep_ema=True)
+    return ds.wrap(student, OPTIM, zero, 2, keep_ema=True, lora=settings,
+                   lora_init=lora.init_generator(0, "stage2", "student"))
 
 
 def _trainable(engine, ema):
@@ -86,6 +89,41 @@ def test_a_resumed_engine_steps_exactly_like_the_uninterrupted_one(process_group
         assert torch.equal(got[k], want[k]), k
     for k in want_ema:
         assert torch.equal(ema2.state_dict()[k], want_ema[k]), k
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_a_resumed_lora_engine_gets_back_its_adapters_and_moments_and_steps_exactly_like_the_uninterrupted_one(
+        process_group, tmp_path, zero):
+    from learners import checkpoint
+    from learners import deepspeed_setup as ds
+    from safetensors.torch import load_file
+
+    engine, ema = _engine(zero, LORA)
+    adapters = set(lora.adapter_parameters(engine.module))
+    losses = [_step(engine, ema, i) for i in range(3)]
+    folder = checkpoint.save(tmp_path / "ck", _trainable(engine, ema), {"stage": "stage2", "step": 3}, zero, 0)
+    # the files hold the adapters (and their moments) only: the base weights are the stage's input
+    assert set(load_file(folder / "student.safetensors")) == adapters
+    assert set(load_file(folder / "student.ema.safetensors")) == adapters
+    assert set(load_file(folder / "student.optim.safetensors")) == {f"{a}::{m}" for a in adapters
+                                                                    for m in checkpoint.MOMENTS}
+    losses += [_step(engine, ema, i) for i in range(3, 6)]
+    with ds.full_params(engine, zero):
+        want = lora.adapter_state_dict(engine.module)
+    want_ema = lora.adapter_state_dict(ema.model)
+
+    engine2, ema2 = _engine(zero, LORA)  # fresh adapters (B = 0): the resumed losses need the checkpoint's
+    checkpoint.load(folder, _trainable(engine2, ema2), zero, 0)
+    assert [_step(engine2, ema2, i) for i in range(3, 6)] == losses[3:]
+    with ds.full_params(engine2, zero):
+        got = lora.adapter_state_dict(engine2.module)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    got_ema = lora.adapter_state_dict(ema2.model)
+    assert all(torch.equal(got_ema[k], want_ema[k]) for k in want_ema)
+    # a stage configured without LoRA (or with another rank) does not take this checkpoint
+    for settings in (None, lora.LoraSettings(rank=3, alpha=4.0)):
+        with pytest.raises(checkpoint.CheckpointError, match="trained with LoRA adapters rank 2"):
+            checkpoint.load(folder, _trainable(*_engine(zero, settings)), zero, 0)
 
 
 def test_files_are_safetensors_and_json_only(process_group, tmp_path):
