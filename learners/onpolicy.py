@@ -180,28 +180,35 @@ class OnPolicyLearner:
         return tuple(ray.get([rollout_ref, target_ref]))
 
     def step(self, step: int) -> dict:
-        """One generator step and one critic step (ALGORITHM.md, stage 2, decoupled form)."""
+        """One generator step and one critic step (ALGORITHM.md, stage 2, decoupled form).
+
+        The forward passes that need only this rank's current weights and the step's draws (the
+        differentiable rollout and the co-training loss) run before the buffer is asked for the
+        step's target, so at a small policy lag they overlap the rollout side's work on the same
+        step instead of waiting for it; one backward of the summed loss follows, as in the reference."""
         cfg, c, data, stage = self.cfg, self.c, self.data, self.stage
         t0 = time.perf_counter()
-        # 1. this rank's slices of the step's rollout and target
-        rollout, target = self._take(step)
-        t1 = time.perf_counter()
-        # 2. the step's draws, this rank's rows
+        # 1. the step's draws, this rank's rows
         gen, crit, co = reference.stage2_draws(cfg, stage, step, len(data.latents), data.latent_shape)
         gen, crit, co = (draws_to(slice_rows(d, *self.rows), self.device) for d in (gen, crit, co))
-        # 3. generator: differentiable rollout from the same noise, N, k; decoupled DMD + co-training
+        # 2. generator forward: differentiable rollout from the step's noise, N, k; co-training loss
         x_theta = reference.rollout(self.u_fn, data, gen, cfg.model.shift, stage == "consistency", self.calls)
-        loss_dmd = losses.dmd_loss(x_theta, target[T.Y].to(self.device), c.dmd_weight)
-        loss, loss_co = loss_dmd, torch.zeros(())
+        loss_co = torch.zeros(())
         if c.cotrain_weight > 0:
             x, cond_co = data.batch(co.index, co.drop)
             loss_co, _ = losses.forward_flowmap_loss(self.u_fn, x, cond_co, data.null_embed, co.t, co.r, co.eps,
                                                      self.settings, all_reduce=_sum_over_ranks)
-            loss = loss + c.cotrain_weight * loss_co
+        # 3. this rank's slices of the step's rollout and target (waits for the rollout side)
+        t_wait = time.perf_counter()
+        rollout, target = self._take(step)
+        t1 = time.perf_counter()
+        # 4. decoupled DMD against the buffered target, plus co-training; one backward
+        loss_dmd = losses.dmd_loss(x_theta, target[T.Y].to(self.device), c.dmd_weight)
+        loss = loss_dmd + c.cotrain_weight * loss_co if c.cotrain_weight > 0 else loss_dmd
         self.guard.check(loss, y=target[T.Y])
         ok = guarded_step(self.student, loss, self.guard)
         norm = float(self.student.get_global_grad_norm() or 0.0)
-        # 4. student EMA (rank 0), then the critic: flow matching on the buffered critic rollouts
+        # 5. student EMA (rank 0), then the critic: flow matching on the buffered critic rollouts
         if ok:
             with self._ds.full_params(self.student, self.zero):
                 if self.ema is not None:
@@ -213,11 +220,11 @@ class OnPolicyLearner:
         self.critic_guard.check(loss_critic, x_crit=x_crit)
         ok_critic = guarded_step(self.critic, loss_critic, self.critic_guard)
         guard_figures.update(self.critic_guard.record(step, ok_critic))
-        # 5. the global figures (losses averaged over ranks)
+        # 6. the global figures (losses averaged over ranks)
         means = _sum_over_ranks(torch.stack([loss_dmd, loss_co, loss, loss_critic]).detach().float()) / self.world
         return {M.LOSS_DMD: float(means[0]), M.LOSS_COTRAIN: float(means[1]), M.LOSS_STUDENT: float(means[2]),
-                M.LOSS_CRITIC: float(means[3]), M.GRAD_NORM_STUDENT: norm, M.WAIT_SECONDS: t1 - t0,
-                M.LEARNER_SECONDS: time.perf_counter() - t1, **guard_figures}
+                M.LOSS_CRITIC: float(means[3]), M.GRAD_NORM_STUDENT: norm, M.WAIT_SECONDS: t1 - t_wait,
+                M.LEARNER_SECONDS: time.perf_counter() - t0 - (t1 - t_wait), **guard_figures}
 
     def _synced(self, engine) -> dict | None:
         """What a version carries of `engine` (rank 0; None elsewhere): its adapters with LoRA, else its
