@@ -83,6 +83,9 @@ class SessionSetup:
     train_split: object
     """the train split as a materialized Ray Data dataset (`learners.onpolicy.read_train_split`)"""
     threads: int = 1
+    """torch threads in stages 0 and 1"""
+    onpolicy_threads: int = 1
+    """torch threads in the on-policy stages (the fleet runs beside the learners then)"""
     use_gpu: bool = False
 
 
@@ -273,7 +276,6 @@ def run_onpolicy(s: SessionSetup, stage: str, data: OnDevice, rank: int, world: 
 def session_loop(config: dict) -> None:
     """The Ray Train worker function: every training stage of the session, in order."""
     s: SessionSetup = config["setup"]
-    torch.set_num_threads(max(1, s.threads))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device(s)
     data = OnDevice(train_split_of(s.train_split, s.data_dir, s.null_embed), device)
@@ -282,5 +284,7 @@ def session_loop(config: dict) -> None:
         resume = resume_point(s, scratch)
         ckpt = Checkpointer(s, rank, scratch)
         for stage, res in _stages_to_run(s, resume):
-            run = run_supervised if stage in ("teacher", "stage1") else run_onpolicy
+            supervised = stage in ("teacher", "stage1")
+            torch.set_num_threads(max(1, s.threads if supervised else s.onpolicy_threads))
+            run = run_supervised if supervised else run_onpolicy
             run(s, stage, data, rank, world, device, res, ckpt)

@@ -166,12 +166,14 @@ class ObjectStorePoller(threading.Thread):
 # ----------------------------------------------------------------------------- one run each
 
 
-def bench_config(preset: str, out: Path, name: str, steps: int, lag: int = 0, lora_rank: int = 0):
+def bench_config(preset: str, out: Path, name: str, steps: int, lag: int = 0, lora_rank: int = 0,
+                 colocate: bool = False):
     from pipeline.config import load_config
 
     return load_config(None, [*PRESETS[preset], f"run.output_dir={out}", f"run.name={name}", "run.track=false",
                               f"stage2.steps={steps}", f"stage2.lora_rank={lora_rank}", "ray.backend=ray",
-                              f"ray.max_policy_lag={lag}", *(f"ray.{k}={v}" for k, v in POOLS.items())])
+                              f"ray.max_policy_lag={lag}", f"ray.colocate={str(colocate).lower()}",
+                              *(f"ray.{k}={v}" for k, v in POOLS.items())])
 
 
 def steady_seconds(finish_times: list[float], warmup: int) -> float:
@@ -353,7 +355,7 @@ def _bench_pipeline(args: argparse.Namespace, out: Path) -> dict:
     from pipeline.stages import prepare_data
 
     warmup = args.warmup
-    cfg = bench_config(args.preset, out, "bench", args.steps, lora_rank=args.lora_rank)
+    cfg = bench_config(args.preset, out, "bench", args.steps, lora_rank=args.lora_rank, colocate=args.colocate)
     data_dir = prepare_data(cfg)
     teacher = models.build_teacher(cfg.model.size, seed=cfg.model.init_seed)
     student = models.student_from_teacher(teacher)
@@ -367,14 +369,15 @@ def _bench_pipeline(args: argparse.Namespace, out: Path) -> dict:
         _say(f"reference: {ref[-1]['step_s']:.3f} s/step")
         for lag in LAGS:
             _say(f"repeat {rep + 1}/{args.repeats}: Ray at max_policy_lag={lag}, {args.steps} steps")
-            run_cfg = bench_config(args.preset, out, f"bench-r{rep}-lag{lag}", args.steps, lag, args.lora_rank)
+            run_cfg = bench_config(args.preset, out, f"bench-r{rep}-lag{lag}", args.steps, lag, args.lora_rank,
+                                   args.colocate)
             runs.append({**run_ray(run_cfg, student, teacher, data_dir, warmup, args.poll_s), "lag": lag})
             _say(f"lag {lag}: {runs[-1]['step_s']:.3f} s/step, start-up {runs[-1]['startup_s']:.1f} s, "
                  f"object-store peak {runs[-1]['poller'].peak_bytes} B")
     load.append(os.getloadavg()[0])
     return {
         "bench": "pipeline", "preset": args.preset, "steps": args.steps, "warmup_steps": warmup,
-        "repeats": args.repeats, "lora_rank": args.lora_rank,
+        "repeats": args.repeats, "lora_rank": args.lora_rank, "colocate": args.colocate,
         **timing_figures(ref, runs), "ray_init_s": ray_init_s,
         "rollout_nfe": nfe_figures(runs, cfg.stage2.num_steps_choices),
         **sync_figures(runs, synced_states(cfg, student, teacher),
@@ -443,6 +446,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default steps // 5)")
     p.add_argument("--poll-s", type=float, default=0.2, help="object-store polling interval in seconds")
     p.add_argument("--output-dir", default="", help="where runs and data go (default: a temporary folder)")
+    p.add_argument("--colocate", action="store_true",
+                   help="one actor rolls out and scores (ray.colocate=true; 1 CPU, 1 thread) instead of a rollout "
+                        "actor and a scorer")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="train LoRA adapters of this rank (stage2.lora_rank; weight syncs then carry the adapters "
                         "only); 0: every parameter (default)")

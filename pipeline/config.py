@@ -192,17 +192,25 @@ class RayConfig:
     """student rollout actors (backward simulation without gradient); steps go to them round-robin"""
     scorer_actors: int = 1
     """scorer actors (frozen teacher + critic snapshot: the DMD target); steps go to them round-robin"""
+    colocate: bool = True
+    """one actor per rollout slot holds both roles (student, teacher, critic) and makes a step's rollouts
+    and DMD targets in one call: for small models, or few cores, where a second busy process per step
+    only preempts the learners; the pool is then `rollout_actors` x (`rollout_cpus`, `rollout_gpus`)
+    and the scorer_* keys are unused"""
     learners: int = 1
     """data-parallel Ray Train workers (DeepSpeed); the global batch is split evenly between them"""
-    rollout_cpus: float = 0.5
-    """CPUs reserved per rollout actor (fractional allowed)"""
+    rollout_cpus: float = 1.0
+    """CPUs reserved per rollout actor, or per rollout+scorer actor with `colocate` (fractional allowed)"""
     scorer_cpus: float = 0.5
     """CPUs reserved per scorer actor (fractional allowed)"""
     learner_cpus: float = 1.0
     """CPUs reserved per learner worker (fractional allowed)"""
     learner_threads: int = 2
-    """torch threads per learner worker (0: its reserved CPUs, rounded, at least 1); 2 lets the default
-    2-core run use both cores in stages 0 and 1, when no rollout actor runs (8.4 vs 6.2 steps/s)"""
+    """torch threads per learner worker in stages 0 and 1, when no rollout actor runs (0: its reserved
+    CPUs, rounded, at least 1); 2 lets the default 2-core run use both cores there (8.4 vs 6.2 steps/s)"""
+    learner_onpolicy_threads: int = 0
+    """torch threads per learner worker in the on-policy stages, which share the machine with the fleet
+    (0: its reserved CPUs, rounded, at least 1); more threads than cores only preempt each other"""
     rollout_gpus: float = 0.0
     """GPUs per rollout actor (fractional allowed; > 0 runs the student on CUDA)"""
     scorer_gpus: float = 0.0
@@ -325,6 +333,7 @@ def _check_ray(cfg: Config) -> None:
     _require(r.buffer_capacity >= 1, "ray.buffer_capacity", "must be >= 1 step of rollouts")
     _require(r.zero_stage in (2, 3), "ray.zero_stage", "DeepSpeed ZeRO stage must be 2 or 3")
     _require(r.learner_threads >= 0, "ray.learner_threads", "must be >= 0 (0: from ray.learner_cpus)")
+    _require(r.learner_onpolicy_threads >= 0, "ray.learner_onpolicy_threads", "must be >= 0 (0: from ray.learner_cpus)")
     _require(r.actor_restarts >= -1, "ray.actor_restarts", "must be >= 0, or -1 for no limit")
     if r.backend == "ray":
         for name in ("teacher", "stage1", "stage2", "consistency"):

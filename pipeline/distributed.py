@@ -55,7 +55,9 @@ def init_ray(cfg: Config) -> None:
 def check_resources(rc: RayConfig, onpolicy: bool = True) -> None:
     """Fail now, naming what was asked and what exists, if the pools cannot all be placed."""
     pools = {"learner": (rc.learners, rc.learner_cpus, rc.learner_gpus)}
-    if onpolicy:
+    if onpolicy and rc.colocate:
+        pools = {"rollout+scorer actor": (rc.rollout_actors, rc.rollout_cpus, rc.rollout_gpus), **pools}
+    elif onpolicy:
         pools = {"rollout actor": (rc.rollout_actors, rc.rollout_cpus, rc.rollout_gpus),
                  "scorer": (rc.scorer_actors, rc.scorer_cpus, rc.scorer_gpus), **pools}
     need_cpu = sum(n * c for n, c, _ in pools.values())
@@ -240,7 +242,9 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
     for name, net in nets.items():
         ray.get(hub.put_net.remote(name, {k: v.detach().cpu() for k, v in net.state_dict().items()}))
     setup = SessionSetup(cfg, list(stages), data_dir, null_embed, teacher_config, hub, train_split,
-                         threads=cfg.ray.learner_threads or max(1, int(round(cfg.ray.learner_cpus))), use_gpu=cfg.ray.learner_gpus > 0)
+                         threads=cfg.ray.learner_threads or max(1, int(round(cfg.ray.learner_cpus))),
+                         onpolicy_threads=cfg.ray.learner_onpolicy_threads or max(1, int(round(cfg.ray.learner_cpus))),
+                         use_gpu=cfg.ray.learner_gpus > 0)
     fit = FitThread(make_trainer(cfg, setup))
     fit.start()
     out = SessionResult(nets=dict(nets))

@@ -9,6 +9,7 @@ Who sends what to whom (refs travel, tensors stay in the object store):
         2. buffer.wait_room()                    <-- pacing: wait while full, never drop
         3. RolloutWorker[i % R].rollout(i)  ->  W slices {x_old, x_crit} + meta    (refs)
         4. Scorer[i % S].score(i, *slices)  ->  W slices {y} + meta                (refs)
+           (ray.colocate: RolloutScorer[i % R] does 3 and 4 in one call, actors/colocated.py)
         5. buffer.put(i, [[rollout_r, target_r] per rank r], meta refs)           (refs only)
         6. log the steps whose learner figures arrived (lag, depth, times, losses)
 
@@ -33,6 +34,7 @@ import ray
 import torch
 
 from actors.buffer import ReplayBuffer
+from actors.colocated import RolloutScorer
 from actors.rollout import RolloutWorker
 from actors.scorer import Scorer
 from actors.weights import WeightStore
@@ -85,6 +87,13 @@ def launch_fleet(cfg: Config, stage: str, student: torch.nn.Module, teacher: tor
     # a rollout or scorer actor that dies is made again by Ray (its constructor pulls the newest
     # weights) and the call it was running is retried: no step is lost, the restart is counted
     restart = dict(max_restarts=rc.actor_restarts, max_task_retries=rc.actor_restarts)
+    pinned = [ref for ref in (embeds, teacher_state, base_state) if ref is not None]
+    if rc.colocate:  # both roles in one actor per slot: no scorer pool
+        both = [ray.remote(RolloutScorer).options(
+            num_cpus=rc.rollout_cpus, num_gpus=rc.rollout_gpus, name=f"{prefix}-rollout-{j}", **restart).remote(
+            cfg, store, dict(student.config), dict(teacher.config), teacher_state, embeds, null_embed, latent_shape,
+            _threads(rc.rollout_cpus), rc.rollout_gpus, stage, base_state) for j in range(rc.rollout_actors)]
+        return Fleet(store, buffer, both, [], pinned=pinned)
     rollouts = [ray.remote(RolloutWorker).options(
         num_cpus=rc.rollout_cpus, num_gpus=rc.rollout_gpus, name=f"{prefix}-rollout-{j}", **restart).remote(
         cfg, store, dict(student.config), embeds, null_embed, latent_shape, _threads(rc.rollout_cpus),
@@ -93,7 +102,6 @@ def launch_fleet(cfg: Config, stage: str, student: torch.nn.Module, teacher: tor
         num_cpus=rc.scorer_cpus, num_gpus=rc.scorer_gpus, name=f"{prefix}-scorer-{j}", **restart).remote(
         cfg, store, dict(teacher.config), teacher_state, embeds, null_embed, latent_shape,
         _threads(rc.scorer_cpus), rc.scorer_gpus, stage) for j in range(rc.scorer_actors)]
-    pinned = [ref for ref in (embeds, teacher_state, base_state) if ref is not None]
     return Fleet(store, buffer, rollouts, scorers, pinned=pinned)
 
 
@@ -149,10 +157,15 @@ def drive(cfg: Config, stage: str, fleet: Fleet, fit: FitThread, log: Log, start
         # 2. pacing: wait for room in the buffer (rollouts are never dropped)
         wait(fleet.buffer.wait_room.remote(), fit)
         # 3-4. rollout, then scoring, each returning one slice per learner rank plus metadata
-        *slices, rollout_meta = fleet.rollouts[i % len(fleet.rollouts)].rollout.options(
-            num_returns=world + 1).remote(i, stage, world)
-        *targets, score_meta = fleet.scorers[i % len(fleet.scorers)].score.options(
-            num_returns=world + 1).remote(i, stage, *slices)
+        actor = fleet.rollouts[i % len(fleet.rollouts)]
+        if fleet.scorers:
+            *slices, rollout_meta = actor.rollout.options(num_returns=world + 1).remote(i, stage, world)
+            *targets, score_meta = fleet.scorers[i % len(fleet.scorers)].score.options(
+                num_returns=world + 1).remote(i, stage, *slices)
+        else:  # colocated: both in one call
+            *refs, rollout_meta, score_meta = actor.rollout_and_score.options(
+                num_returns=2 * world + 2).remote(i, stage, world)
+            slices, targets = refs[:world], refs[world:]
         # 5. refs (wrapped in lists, so they stay refs) and metadata into the buffer
         depth = wait(fleet.buffer.put.remote(i, [[s, t] for s, t in zip(slices, targets)],
                                               {"step": i, "rows": c.batch_size}, [rollout_meta, score_meta]), fit)

@@ -73,7 +73,7 @@ def _pipeline_config(entrypoint: str) -> Config:
 def _members(cfg: Config) -> list[Member]:
     r = cfg.ray
     return ([Member("rollout", r.rollout_cpus, r.rollout_gpus)] * r.rollout_actors
-            + [Member("scorer", r.scorer_cpus, r.scorer_gpus)] * r.scorer_actors
+            + [Member("scorer", r.scorer_cpus, r.scorer_gpus)] * (0 if r.colocate else r.scorer_actors)
             + [Member("learner", r.learner_cpus, r.learner_gpus)] * r.learners)
 
 

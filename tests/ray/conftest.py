@@ -11,7 +11,7 @@ TINY = [
     # exercise the warm-up schedules and the EMA's decay within the tests' 20 steps
     "stage2.optim.warmup=5", "stage2.optim.ema_start=5", "stage2.critic_optim.warmup=3",
     # small pools: 4 logical CPUs hold every pool plus the one CPU Ray Data's file listing takes
-    "ray.backend=ray", "ray.rollout_cpus=0.5", "ray.scorer_cpus=0.5", "ray.learner_cpus=0.75",
+    "ray.backend=ray", "ray.colocate=false", "ray.rollout_cpus=0.5", "ray.scorer_cpus=0.5", "ray.learner_cpus=0.75",
     # strictly on-policy unless a test says otherwise: the reference comparisons need lag 0
     "ray.max_policy_lag=0", "ray.learner_threads=1",
 ]

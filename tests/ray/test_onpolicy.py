@@ -111,6 +111,21 @@ def test_lag0_two_learners_matches_reference_at_the_same_global_batch(ray_cluste
     _assert_refs_only(cfg, result, spy, tiny_world[1])
 
 
+def test_lag0_colocated_rollout_and_scorer_actors_match_reference(ray_cluster, tiny_world, reference_run, monkeypatch):
+    """`ray.colocate=true`: two actors that each roll out and score their steps, no scorer pool."""
+    fleets = []
+    launch = onpolicy.launch_fleet
+    monkeypatch.setattr(onpolicy, "launch_fleet", lambda *a, **k: fleets.append(launch(*a, **k)) or fleets[-1])
+    cfg, result, figures, spy = _run_ray(tiny_world, ray_cluster, monkeypatch, "lag0-colocated",
+                                         "ray.colocate=true", "ray.rollout_actors=2", "ray.rollout_cpus=1",
+                                         "ray.learners=1")
+    _assert_matches_reference(figures, reference_run, result)
+    assert all(f["rollout/lag_max"] == 0 and f["score/seconds"] > 0 for f in figures)
+    _assert_refs_only(cfg, result, spy, tiny_world[1])
+    (fleet,) = fleets
+    assert len(fleet.rollouts) == 2 and fleet.scorers == []
+
+
 def test_lag1_runs_within_its_bound_and_the_buffer_within_capacity(ray_cluster, tiny_world, monkeypatch):
     cfg, result, figures, spy = _run_ray(tiny_world, ray_cluster, monkeypatch, "lag1",
                                          "ray.rollout_actors=2", "ray.learners=2", "ray.zero_stage=3",
