@@ -47,7 +47,12 @@ def init_ray(cfg: Config) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+        # the dashboard (on 127.0.0.1 only) serves Ray's State API, which Ray Train's placement-group
+        # cleaner polls every second; without it every poll logs a warning to this console
+        ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                       _node_ip_address="127.0.0.1", configure_logging=False)
+        if ctx.dashboard_url:
+            print(f"Ray dashboard: http://{ctx.dashboard_url}", flush=True)
     else:
         ray.init(address=address)
 
