@@ -40,9 +40,14 @@ class ClusterTooSmall(RuntimeError):
     """The configured pools ask for more CPUs or GPUs than the Ray cluster has."""
 
 
+_OWN_RAY = False
+"""whether `init_ray` started the local Ray this process is connected to"""
+
+
 def init_ray(cfg: Config) -> None:
     """Join `ray.address`, else $RAY_ADDRESS (set by `ray job submit`), else start a local Ray bound
     to 127.0.0.1 (never silently join some other cluster running on this machine)."""
+    global _OWN_RAY
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
@@ -51,10 +56,21 @@ def init_ray(cfg: Config) -> None:
         # cleaner polls every second; without it every poll logs a warning to this console
         ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                        _node_ip_address="127.0.0.1", configure_logging=False)
+        _OWN_RAY = True
         if ctx.dashboard_url:
             print(f"Ray dashboard: http://{ctx.dashboard_url}", flush=True)
     else:
         ray.init(address=address)
+
+
+def release_ray() -> None:
+    """Stop the local Ray that `init_ray` started, once the training stages are done: evaluation runs
+    in the driver and gets the cores back (toy evaluation on 2 cores: 134 to 140 s with the idle Ray
+    up, 127 s without). A Ray this process joined or found running is left alone."""
+    global _OWN_RAY
+    if _OWN_RAY and ray.is_initialized():
+        ray.shutdown()
+    _OWN_RAY = False
 
 
 def check_resources(rc: RayConfig, onpolicy: bool = True) -> None:

@@ -269,6 +269,7 @@ def train_on_ray(st: RunState, first: str) -> None:
         print(f"== {name} trained and saved", flush=True)
 
     distributed.train_session(st.cfg, todo, have, st.data_dir, st.log, on_result=save)
+    distributed.release_ray()
 
 
 def stage_teacher(st: RunState) -> None:
