@@ -88,13 +88,16 @@ class ObjectStorePoller(threading.Thread):
     `store_stats` give the plasma bytes in use; with `include_memory_info` every worker lists the
     object refs it holds with their sizes, so trajectory objects are told apart by the actor that made
     them (an object ID is its task ID, whose last 16 bytes are the actor ID, then the return index;
-    the actor table names the class). Trajectory objects are the first `slices` returns (one per
-    learner) of calls of `producers` (rollout and scorer), not the metadata dict returned after them.
+    the actor table names the class). Trajectory objects are the first returns of calls of the
+    producers (one per learner from a rollout actor and from a scorer, two per learner from a
+    colocated rollout+scorer actor), not the metadata dicts returned after them.
     """
 
-    def __init__(self, slices: int, interval_s: float = 0.2, producers=("RolloutWorker", "Scorer")):
+    def __init__(self, slices: int, interval_s: float = 0.2):
         super().__init__(name="bench-object-store", daemon=True)
-        self.slices, self.interval_s, self.producers = slices, interval_s, set(producers)
+        self.interval_s = interval_s
+        self.producers = {"RolloutWorker": slices, "Scorer": slices, "RolloutScorer": 2 * slices}
+        """producer class -> how many of a call's first returns are trajectory objects"""
         self._halt = threading.Event()
         self._nodes: list[tuple[str, int]] = []
         self._classes: dict[bytes, str] = {}
@@ -141,8 +144,6 @@ class ObjectStorePoller(threading.Thread):
         self.peak_total_bytes = max(self.peak_total_bytes, total)
 
     def _is_trajectory(self, object_id: bytes) -> bool:
-        if not 1 <= int.from_bytes(object_id[24:28], "little") <= self.slices:
-            return False
         actor = object_id[8:24]
         if actor not in self._classes:
             import ray
@@ -150,7 +151,7 @@ class ObjectStorePoller(threading.Thread):
             for hex_id, info in ray._private.state.actors().items():
                 self._classes[bytes.fromhex(hex_id)] = info.get("ActorClassName", "")
             self._classes.setdefault(actor, "")
-        return self._classes[actor] in self.producers
+        return 1 <= int.from_bytes(object_id[24:28], "little") <= self.producers.get(self._classes[actor], 0)
 
     def bytes_per_task(self) -> dict[str, list[int]]:
         """Producer class -> the bytes of each of its calls (all objects one actor task returned)."""
@@ -258,16 +259,22 @@ def nfe_figures(runs: list[dict], num_steps_choices: list[int]) -> dict:
 def object_store_figures(runs: list[dict], cfg) -> dict:
     """Real object-store use of the trajectories (polled) against the buffer's capacity, and the buffer's own
     accounting (tensor bytes)."""
-    rollout, target = [], []
+    rollout, target, both = [], [], []
     for r in runs:
         per_task = r["poller"].bytes_per_task()
         rollout += per_task.get("RolloutWorker", [])
         target += per_task.get("Scorer", [])
+        both += per_task.get("RolloutScorer", [])  # colocated: one call returns rollouts and targets
     batch = cfg.stage2.batch_size
     # typical trajectory: medians; a step's bytes for the capacity: the largest call of each (a poll can
     # catch a call with some of its objects already freed, never with more)
-    per_traj = (statistics.median(rollout) + statistics.median(target)) / batch if rollout and target else None
-    per_step = max(rollout) + max(target) if rollout and target else None
+    if both:
+        per_traj, per_step = statistics.median(both) / batch, max(both)
+    elif rollout and target:
+        per_traj = (statistics.median(rollout) + statistics.median(target)) / batch
+        per_step = max(rollout) + max(target)
+    else:
+        per_traj = per_step = None
     capacity = cfg.ray.buffer_capacity
     by_lag = {}
     for r in runs:

@@ -43,3 +43,29 @@ def tiny_world(tmp_path_factory):
     teacher = models.build_teacher("tiny", seed=0)
     return base, data_dir, teacher, models.student_from_teacher(teacher)
 
+
+
+@pytest.fixture
+def learner_fault_run(tiny_world, tmp_path, monkeypatch):
+    """`run(cfg, after_step)`: see `_run_through_a_learner_fault`."""
+    return lambda cfg, after_step: _run_through_a_learner_fault(cfg, tiny_world, tmp_path / "fault-fired",
+                                                                monkeypatch, after_step)
+
+
+def _run_through_a_learner_fault(cfg, tiny_world, marker, monkeypatch, after_step: int):
+    """A stage-2 session whose learner rank 0 fails once after `after_step` (the fault drill); checks that
+    the drill fired, every step was logged once and Ray Train restarted the group once. Returns
+    (per-step figures, the session's result)."""
+    from learners.session import FAULT_ENV
+    from pipeline import distributed
+    from pipeline.metrics import LEARNER_RESTARTS
+
+    _, data_dir, teacher, student = tiny_world
+    monkeypatch.setenv(FAULT_ENV, f"stage2:{after_step}:{marker}")
+    records = []
+    out = distributed.train_session(cfg, ["stage2"], {"student_stage1": student, "teacher": teacher}, data_dir,
+                                    lambda s, i, f: records.append((i, f)), fresh=True)
+    assert marker.exists(), "the fault drill did not fire"
+    assert [i for i, _ in records] == list(range(cfg.stage2.steps)), [i for i, _ in records]
+    assert out.stats["stage2"]["hub"].get(LEARNER_RESTARTS) == 1
+    return [f for _, f in records], out

@@ -86,23 +86,11 @@ def test_lag0_with_lora_matches_the_reference_with_lora_and_each_sync_carries_on
 
 
 def test_a_learner_restored_from_a_lora_checkpoint_goes_on_like_the_reference(
-        ray_cluster, tiny_world, lora_reference, tmp_path, monkeypatch):
+        ray_cluster, tiny_world, lora_reference, learner_fault_run):
     """Learner rank 0 fails after step 4; Ray Train restores the group from the checkpoint of step 3
     (adapters, their AdamW moments and EMA on the frozen base), and every step still equals the
     reference's: with fresh adapters or moments the steps after the restart would differ."""
-    from learners.session import FAULT_ENV
-    from pipeline import distributed
-    from pipeline.metrics import LEARNER_RESTARTS
-
-    _, data_dir, teacher, student = tiny_world
     cfg = _config(tiny_world, "lora-learner-fault", "run.checkpoint_every=3", "run.learner_restarts=1")
-    marker = tmp_path / "fault-fired"
-    monkeypatch.setenv(FAULT_ENV, f"stage2:4:{marker}")
-    records = []
-    out = distributed.train_session(cfg, ["stage2"], {"student_stage1": student, "teacher": teacher}, data_dir,
-                                    lambda s, i, f: records.append((i, f)), fresh=True)
-    assert marker.exists(), "the fault drill did not fire"
-    assert [i for i, _ in records] == list(range(STEPS))
-    assert out.stats["stage2"]["hub"].get(LEARNER_RESTARTS) == 1
-    _assert_matches([f for _, f in records], lora_reference, out.nets["student"], out.nets["critic_stage2"],
+    figures, out = learner_fault_run(cfg, after_step=4)
+    _assert_matches(figures, lora_reference, out.nets["student"], out.nets["critic_stage2"],
                     tiny_world)

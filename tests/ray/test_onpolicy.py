@@ -149,26 +149,14 @@ def test_a_request_beyond_the_cluster_fails_within_seconds_naming_ask_and_cluste
 
 
 def test_a_learner_failure_mid_stage_is_restored_and_the_run_still_matches_the_reference(
-        ray_cluster, tiny_world, reference_run, tmp_path, monkeypatch):
+        ray_cluster, tiny_world, reference_run, learner_fault_run):
     """Learner rank 0 fails after step 7; Ray Train restores the group from the checkpoint of step 5,
     the driver rewinds its rollouts to step 5, every step is logged once and equals the reference's."""
-    from learners.session import FAULT_ENV
-    from pipeline import distributed
-    from pipeline.metrics import LEARNER_RESTARTS
-
-    _, data_dir, teacher, student = tiny_world
     cfg = _config(tiny_world, "lag0-learner-fault", "ray.rollout_actors=1", "run.checkpoint_every=5",
                   "run.learner_restarts=1")
-    marker = tmp_path / "fault-fired"
-    monkeypatch.setenv(FAULT_ENV, f"stage2:7:{marker}")
-    records = []
-    out = distributed.train_session(cfg, ["stage2"], {"student_stage1": student, "teacher": teacher}, data_dir,
-                                    lambda s, i, f: records.append((i, f)), fresh=True)
-    assert marker.exists(), "the fault drill did not fire"
-    assert [i for i, _ in records] == list(range(STEPS)), [i for i, _ in records]
-    assert out.stats["stage2"]["hub"].get(LEARNER_RESTARTS) == 1
+    figures, out = learner_fault_run(cfg, after_step=7)
     result = onpolicy.Result(out.nets["student"], out.nets["critic_stage2"], {}, {})
-    _assert_matches_reference([f for _, f in records], reference_run, result)
+    _assert_matches_reference(figures, reference_run, result)
 
 
 def test_killed_rollout_and_scorer_actors_are_restarted_and_no_step_is_lost(ray_cluster, tiny_world, reference_run):
