@@ -63,6 +63,11 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address)
 
 
+def threads_for(cpus: float) -> int:
+    """Torch threads of a pool member that reserved `cpus` CPUs: rounded, at least 1."""
+    return max(1, int(round(cpus)))
+
+
 def release_ray() -> None:
     """Stop the local Ray that `init_ray` started, once the training stages are done: evaluation runs
     in the driver and gets the cores back (toy evaluation on 2 cores: 134 to 140 s with the idle Ray
@@ -263,8 +268,8 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
     for name, net in nets.items():
         ray.get(hub.put_net.remote(name, {k: v.detach().cpu() for k, v in net.state_dict().items()}))
     setup = SessionSetup(cfg, list(stages), data_dir, null_embed, teacher_config, hub, train_split,
-                         threads=cfg.ray.learner_threads or max(1, int(round(cfg.ray.learner_cpus))),
-                         onpolicy_threads=cfg.ray.learner_onpolicy_threads or max(1, int(round(cfg.ray.learner_cpus))),
+                         threads=cfg.ray.learner_threads or threads_for(cfg.ray.learner_cpus),
+                         onpolicy_threads=cfg.ray.learner_onpolicy_threads or threads_for(cfg.ray.learner_cpus),
                          use_gpu=cfg.ray.learner_gpus > 0)
     fit = FitThread(make_trainer(cfg, setup))
     fit.start()

@@ -40,7 +40,7 @@ from actors.scorer import Scorer
 from actors.weights import WeightStore
 from pipeline import metrics as M
 from pipeline.config import Config
-from pipeline.distributed import ClusterTooSmall, FitThread, _result, train_session, wait  # noqa: F401
+from pipeline.distributed import ClusterTooSmall, FitThread, _result, threads_for, train_session, wait  # noqa: F401
 from pipeline.reference import Log
 
 POLL_S = 0.5
@@ -61,10 +61,6 @@ class Fleet:
     def kill(self) -> None:
         for actor in [*self.rollouts, *self.scorers, self.buffer, self.store]:
             ray.kill(actor, no_restart=True)
-
-
-def _threads(cpus: float) -> int:
-    return max(1, int(round(cpus)))
 
 
 def fleet_name(cfg: Config, stage: str) -> str:
@@ -92,16 +88,16 @@ def launch_fleet(cfg: Config, stage: str, student: torch.nn.Module, teacher: tor
         both = [ray.remote(RolloutScorer).options(
             num_cpus=rc.rollout_cpus, num_gpus=rc.rollout_gpus, name=f"{prefix}-rollout-{j}", **restart).remote(
             cfg, store, dict(student.config), dict(teacher.config), teacher_state, embeds, null_embed, latent_shape,
-            _threads(rc.rollout_cpus), rc.rollout_gpus, stage, base_state) for j in range(rc.rollout_actors)]
+            threads_for(rc.rollout_cpus), rc.rollout_gpus, stage, base_state) for j in range(rc.rollout_actors)]
         return Fleet(store, buffer, both, [], pinned=pinned)
     rollouts = [ray.remote(RolloutWorker).options(
         num_cpus=rc.rollout_cpus, num_gpus=rc.rollout_gpus, name=f"{prefix}-rollout-{j}", **restart).remote(
-        cfg, store, dict(student.config), embeds, null_embed, latent_shape, _threads(rc.rollout_cpus),
+        cfg, store, dict(student.config), embeds, null_embed, latent_shape, threads_for(rc.rollout_cpus),
         rc.rollout_gpus, stage, base_state) for j in range(rc.rollout_actors)]
     scorers = [ray.remote(Scorer).options(
         num_cpus=rc.scorer_cpus, num_gpus=rc.scorer_gpus, name=f"{prefix}-scorer-{j}", **restart).remote(
         cfg, store, dict(teacher.config), teacher_state, embeds, null_embed, latent_shape,
-        _threads(rc.scorer_cpus), rc.scorer_gpus, stage) for j in range(rc.scorer_actors)]
+        threads_for(rc.scorer_cpus), rc.scorer_gpus, stage) for j in range(rc.scorer_actors)]
     return Fleet(store, buffer, rollouts, scorers, pinned=pinned)
 
 
