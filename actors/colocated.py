@@ -27,9 +27,9 @@ class RolloutScorer:
                  threads: int = 1, gpus: float = 0.0, stage: str = "stage2", base_state: dict | None = None):
         self.roller = RolloutWorker(cfg, store, student_config, prompt_embeds, null_embed, latent_shape, threads,
                                     gpus, stage, base_state)
+        # one actor: a restart is reported once, by the rollout role
         self.scorer = Scorer(cfg, store, teacher_config, teacher_state, prompt_embeds, null_embed, latent_shape,
-                             threads, gpus, stage)
-        self.scorer._reconstructed = False  # one actor: a restart is reported once, by the rollout role
+                             threads, gpus, stage, reports_restart=False)
 
     def rollout_and_score(self, step: int, stage: str, num_learners: int) -> list:
         """W rollout slices, W target slices, then the rollout and the score metadata."""

@@ -94,13 +94,14 @@ def adapted(cfg: Config, stage: str, network: str, model: torch.nn.Module, base_
 class WeightFollower:
     """Mixin of the rollout and scorer actors: one network kept at the WeightStore's newest version
     (`slot` 0: the student, 1: the critic; the whole state, or only its adapters if it has LoRA
-    adapters), and whether Ray restarted the actor."""
+    adapters), and whether Ray restarted the actor (reported by the role when `reports_restart`:
+    an actor that holds two roles reports its restart through one of them only)."""
 
-    def _follow(self, model: torch.nn.Module, slot: int) -> None:
+    def _follow(self, model: torch.nn.Module, slot: int, reports_restart: bool = True) -> None:
         self._followed, self._slot = model, slot
         self._adapters_only = lora.has_adapters(model)
         self.version = -1
-        self._reconstructed = _was_reconstructed()
+        self._reconstructed = reports_restart and _was_reconstructed()
 
     def pull(self) -> float:
         """Load the newest version if it is not the one we hold; returns the seconds spent."""

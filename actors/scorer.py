@@ -33,7 +33,7 @@ from pipeline.flowmap.models import VelocityFn
 class Scorer(WeightFollower):
     def __init__(self, cfg: Config, store, teacher_config: dict, teacher_state: dict, prompt_embeds: torch.Tensor,
                  null_embed: torch.Tensor, latent_shape: tuple[int, ...], threads: int = 1, gpus: float = 0.0,
-                 stage: str = "stage2"):
+                 stage: str = "stage2", reports_restart: bool = True):
         torch.set_num_threads(max(1, threads))
         self.cfg, self.store, self.latent_shape = cfg, store, tuple(latent_shape)
         self.device = device_for(gpus)
@@ -44,7 +44,7 @@ class Scorer(WeightFollower):
         self.critic = self._frozen(critic)
         self.prompts = PromptRows(prompt_embeds.to(self.device), null_embed.to(self.device))
         self.num_rows = len(prompt_embeds)
-        self._follow(self.critic, slot=1)
+        self._follow(self.critic, slot=1, reports_restart=reports_restart)
 
     def _frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device).eval().requires_grad_(False)

@@ -150,11 +150,12 @@ class OnPolicyLearner:
         student, critic = nets.student(student_state), nets.teacher(critic_state)
         student, critic = student.to(device), critic.to(device)
         micro = self.c.batch_size // world
-        settings, seed = reference.lora_of(self.c), cfg.run.seed
+        settings, gen = reference.lora_for(cfg, stage, "student")
         self.student, self.ema = ds.wrap(student, self.c.optim, self.zero, micro, keep_ema=rank == 0, lora=settings,
-                                         lora_init=lora.init_generator(seed, stage, "student"))
+                                         lora_init=gen)
+        settings, gen = reference.lora_for(cfg, stage, "critic")
         self.critic, _ = ds.wrap(critic, self.c.critic_optim, self.zero, micro, keep_ema=False, lora=settings,
-                                 lora_init=lora.init_generator(seed, stage, "critic"))
+                                 lora_init=gen)
         self.lora = settings is not None
         self.u_fn, self.c_fn = StudentFn(self.student), VelocityFn(self.critic)
         self.settings, self.calls = reference.stage1_settings(cfg), reference.grad_calls_of(self.c)

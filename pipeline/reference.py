@@ -195,13 +195,20 @@ def lora_of(c: Stage2Config) -> lora.LoraSettings | None:
     return lora.LoraSettings(c.lora_rank, c.lora_alpha or float(c.lora_rank), tuple(c.lora_targets))
 
 
-def with_adapters(cfg: Config, stage: str, network: str, model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with the stage's LoRA adapters added (`network`: student or critic; the initialisation is
-    a function of (seed, stage, network), the same in every process), or unchanged without LoRA."""
+def lora_for(cfg: Config, stage: str, network: str) -> tuple[lora.LoraSettings | None, torch.Generator | None]:
+    """(settings, generator of the adapters' initialisation) of `network` (student or critic) in `stage`,
+    or (None, None) without LoRA. The initialisation is a function of (seed, stage, network), so every
+    process that builds the adapters (reference, learners, actors) builds the same ones."""
     settings = lora_of(getattr(cfg, stage))
     if settings is None:
-        return model
-    return lora.add_adapters(model, settings, lora.init_generator(cfg.run.seed, stage, network))
+        return None, None
+    return settings, lora.init_generator(cfg.run.seed, stage, network)
+
+
+def with_adapters(cfg: Config, stage: str, network: str, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with the stage's LoRA adapters added (`lora_for`), or unchanged without LoRA."""
+    settings, gen = lora_for(cfg, stage, network)
+    return model if settings is None else lora.add_adapters(model, settings, gen)
 
 
 def train_stage2(cfg: Config, stage: str, student: torch.nn.Module, teacher: torch.nn.Module,
