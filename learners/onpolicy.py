@@ -204,7 +204,10 @@ class OnPolicyLearner:
         rollout, target = self._take(step)
         t1 = time.perf_counter()
         # 4. decoupled DMD against the buffered target, plus co-training; one backward
-        loss_dmd = losses.dmd_loss(x_theta, target[T.Y].to(self.device), c.dmd_weight)
+        x_old, y = rollout[T.X_OLD].to(self.device), target[T.Y].to(self.device)
+        drift = torch.stack([((x_theta.detach() - x_old) ** 2).sum(), ((x_old - y) ** 2).sum()])
+        loss_dmd = losses.dmd_loss(x_theta, losses.offpolicy_target(y, x_old, x_theta, cfg.ray.lag_target),
+                                   c.dmd_weight)
         loss = loss_dmd + c.cotrain_weight * loss_co if c.cotrain_weight > 0 else loss_dmd
         self.guard.check(loss, y=target[T.Y])
         ok = guarded_step(self.student, loss, self.guard)
@@ -223,8 +226,10 @@ class OnPolicyLearner:
         guard_figures.update(self.critic_guard.record(step, ok_critic))
         # 6. the global figures (losses averaged over ranks)
         means = _sum_over_ranks(torch.stack([loss_dmd, loss_co, loss, loss_critic]).detach().float()) / self.world
+        drift = _sum_over_ranks(drift.float())
         return {M.LOSS_DMD: float(means[0]), M.LOSS_COTRAIN: float(means[1]), M.LOSS_STUDENT: float(means[2]),
-                M.LOSS_CRITIC: float(means[3]), M.GRAD_NORM_STUDENT: norm, M.WAIT_SECONDS: t1 - t_wait,
+                M.LOSS_CRITIC: float(means[3]), M.GRAD_NORM_STUDENT: norm,
+                M.POLICY_DRIFT: float((drift[0] / drift[1].clamp_min(1e-30)).sqrt()), M.WAIT_SECONDS: t1 - t_wait,
                 M.LEARNER_SECONDS: time.perf_counter() - t0 - (t1 - t_wait), **guard_figures}
 
     def _synced(self, engine) -> dict | None:

@@ -222,7 +222,14 @@ class RayConfig:
     i - L is out, overlapping rollout and learning; 0 (the default) reproduces the reference step for step.
     On the toy preset L = 1 makes stage 2 about 20 % faster on 2 cores but changes the student: better at
     every step count on both metrics, yet its ode_error rises 10.5 % from 4 to 32 steps (the bar allows 5 %;
-    the same in 3 of 3 runs); L = 2 misses that bar in 1 of 3 runs (README, "The default run, measured")"""
+    the same in 4 of 4 runs; met with `lag_target` recentred); L = 2 misses it in 1 of 3 runs (README, "Policy lag and
+    quality")"""
+    lag_target: str = "stored"
+    """what a learner regresses its rollout on when the buffered one came from an older student version
+    (`pipeline.flowmap.losses.offpolicy_target`): "stored", the buffered target y = x_old - grad (ALGORITHM.md;
+    its gradient also pulls toward x_old), or "recentred", the same DMD step from the learner's own sample.
+    Identical at lag 0. Toy preset, lag 1: "stored" misses the ode_error bar (10.5 % rise from 4 to 32 steps),
+    "recentred" meets it (1.6 %) (README, "Policy lag and quality")"""
     buffer_capacity: int = 2
     """steps of rollouts the replay buffer may hold; rollouts wait (never dropped) when it is full"""
     zero_stage: int = 2
@@ -323,6 +330,8 @@ def _validate(cfg: Config) -> None:
 
 
 def _check_ray(cfg: Config) -> None:
+    from pipeline.flowmap.losses import LAG_TARGETS
+
     r = cfg.ray
     _require(r.backend in ("ray", "reference"), "ray.backend", 'choose "ray" or "reference"')
     for name in ("rollout_actors", "scorer_actors", "learners"):
@@ -335,6 +344,7 @@ def _check_ray(cfg: Config) -> None:
     _require(r.max_policy_lag >= 0, "ray.max_policy_lag", "must be >= 0 (0: strictly on-policy)")
     _require(r.buffer_capacity >= 1, "ray.buffer_capacity", "must be >= 1 step of rollouts")
     _require(r.zero_stage in (2, 3), "ray.zero_stage", "DeepSpeed ZeRO stage must be 2 or 3")
+    _require(r.lag_target in LAG_TARGETS, "ray.lag_target", f"must be one of {', '.join(LAG_TARGETS)}")
     _require(r.learner_threads >= 0, "ray.learner_threads", "must be >= 0 (0: from ray.learner_cpus)")
     _require(r.learner_onpolicy_threads >= 0, "ray.learner_onpolicy_threads", "must be >= 0 (0: from ray.learner_cpus)")
     _require(r.actor_restarts >= -1, "ray.actor_restarts", "must be >= 0, or -1 for no limit")

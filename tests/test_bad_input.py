@@ -63,6 +63,7 @@ def assert_bad_input(capsys, tmp_path, *args, names: tuple[str, ...]) -> str:
     ("run.track=maybe", "run.track: expected true or false"),
     ("stage2.num_steps_choices=4", "stage2.num_steps_choices: expected a list"),
     ("ray.max_policy_lag=-1", "ray.max_policy_lag: must be >= 0"),
+    ("ray.lag_target=fresh", "ray.lag_target: must be"),
     ("ray.rollout_actors=0", "ray.rollout_actors: must be >= 1"),
     ("ray.learners=0", "ray.learners: must be >= 1"),
     ("stage2.num_steps_choices=[2, 0, 4]", "stage2.num_steps_choices"),

@@ -166,6 +166,26 @@ def dmd_loss(x_theta: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> tor
     return weight * ((x_theta - y.detach()) ** 2).mean()
 
 
+LAG_TARGETS = ("stored", "recentred")
+
+
+def offpolicy_target(y: torch.Tensor, x_old: torch.Tensor, x_theta: torch.Tensor, form: str) -> torch.Tensor:
+    """The target the learner regresses its rollout `x_theta` on, given a buffered rollout `x_old` (made by
+    an older student version) and its DMD target `y = x_old - grad`:
+
+    * "stored": `y` itself (ALGORITHM.md, the decoupled form); the loss's gradient with respect to `x_theta`
+      is `grad + (x_theta - x_old)`, the DMD step plus a pull back toward the older sample;
+    * "recentred": `stopgrad(x_theta) - grad`, the same DMD step taken from the learner's own sample, so
+      the gradient is `grad` alone.
+
+    At policy lag 0 `x_theta` equals `x_old` and the two coincide."""
+    if form == "stored":
+        return y
+    if form == "recentred":
+        return y + (x_theta.detach() - x_old)
+    raise ValueError(f"unknown off-policy target {form!r}: one of {LAG_TARGETS}")
+
+
 def dmd_generator_loss(x_hat: torch.Tensor, teacher_fn, critic_fn, cond, null_cond, s, eps,
                        cfg: DMDSettings = DMDSettings()) -> tuple[torch.Tensor, dict]:
     """The in-process DMD loss `mean((x_hat - stopgrad(x_hat - grad))^2)`."""

@@ -172,3 +172,21 @@ def test_pair_sampling_fractions_and_shift():
 def test_t_weight_is_normalised_on_the_shifted_grid():
     grid = schedule.shift(torch.linspace(0, 1, 1000, dtype=torch.float64), 5.0)
     assert torch.isclose(schedule.t_weight(grid, 5.0).mean(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_offpolicy_targets_give_the_dmd_step_with_or_without_the_pull_toward_the_old_sample():
+    """A buffered rollout x_old from an older student, its target y = x_old - grad, and the learner's own
+    rollout x_theta: "stored" regresses on y (gradient grad + (x_theta - x_old)), "recentred" on the same
+    step from x_theta (gradient grad alone); at lag 0 (x_theta = x_old) both are the decoupled loss."""
+    g = torch.Generator().manual_seed(3)
+    x_old, grad, move = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    y = x_old - grad
+    n = x_old.numel()
+    for form, want in (("stored", grad + move), ("recentred", grad)):
+        x_theta = (x_old + move).requires_grad_(True)
+        losses.dmd_loss(x_theta, losses.offpolicy_target(y, x_old, x_theta, form), 2.0).backward()
+        torch.testing.assert_close(x_theta.grad, 2.0 * 2 * want / n)
+    same = x_old.clone().requires_grad_(True)
+    assert torch.equal(losses.offpolicy_target(y, x_old, same, "recentred"), y)
+    with pytest.raises(ValueError, match="unknown off-policy target"):
+        losses.offpolicy_target(y, x_old, same, "fresh")

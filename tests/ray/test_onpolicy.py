@@ -79,6 +79,8 @@ def _assert_matches_reference(ray_figures, reference_run, result):
             rel = abs(got[k] - want[k]) / max(abs(want[k]), 1e-12)
             worst[k] = max(worst[k], rel)
             assert rel <= 1e-5, (step, k, got[k], want[k])
+        # at lag 0 the buffered rollout is the learner's own, to float precision
+        assert got["rollout/drift"] <= 1e-4, (step, got["rollout/drift"])
     for mine, theirs in ((result.student, ref_student), (result.critic, ref_critic)):
         theirs = theirs.state_dict()
         for key, value in mine.state_dict().items():
@@ -127,11 +129,16 @@ def test_lag0_colocated_rollout_and_scorer_actors_match_reference(ray_cluster, t
 
 
 def test_lag1_runs_within_its_bound_and_the_buffer_within_capacity(ray_cluster, tiny_world, monkeypatch):
+    """Lag 1 with the recentred off-policy target, two learners under ZeRO-3."""
     cfg, result, figures, spy = _run_ray(tiny_world, ray_cluster, monkeypatch, "lag1",
                                          "ray.rollout_actors=2", "ray.learners=2", "ray.zero_stage=3",
-                                         "ray.max_policy_lag=1", "ray.buffer_capacity=2", steps=10)
+                                         "ray.max_policy_lag=1", "ray.buffer_capacity=2", "ray.lag_target=recentred",
+                                         steps=10)
     lags = [f["rollout/lag_max"] for f in figures]
     assert max(lags) <= 1 and max(lags) > 0, lags
+    # a rollout one version old is visibly not the learner's own (lag 0 keeps drift <= 1e-4, float noise)
+    drifts = [f["rollout/drift"] for f in figures]
+    assert max(d for d, lag in zip(drifts, lags) if lag > 0) > 1e-3, drifts
     assert max(f["buffer/depth"] for f in figures) <= 2
     assert all(torch.isfinite(torch.tensor(f["loss/student"])) for f in figures)
     _assert_refs_only(cfg, result, spy, tiny_world[1])
