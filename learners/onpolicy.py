@@ -225,8 +225,8 @@ class OnPolicyLearner:
         ok_critic = guarded_step(self.critic, loss_critic, self.critic_guard)
         guard_figures.update(self.critic_guard.record(step, ok_critic))
         # 6. the global figures (losses averaged over ranks)
-        means = _sum_over_ranks(torch.stack([loss_dmd, loss_co, loss, loss_critic]).detach().float()) / self.world
-        drift = _sum_over_ranks(drift.float())
+        sums = _sum_over_ranks(torch.cat([torch.stack([loss_dmd, loss_co, loss, loss_critic]).detach(), drift]).float())
+        means, drift = sums[:4] / self.world, sums[4:]
         return {M.LOSS_DMD: float(means[0]), M.LOSS_COTRAIN: float(means[1]), M.LOSS_STUDENT: float(means[2]),
                 M.LOSS_CRITIC: float(means[3]), M.GRAD_NORM_STUDENT: norm,
                 M.POLICY_DRIFT: float((drift[0] / drift[1].clamp_min(1e-30)).sqrt()), M.WAIT_SECONDS: t1 - t_wait,
