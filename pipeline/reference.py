@@ -6,55 +6,26 @@ the teacher and a critic, co-training, EMA). `consistency` is the baseline: the 
 student trained on with consistency rollouts and endpoint-only co-training, sampled with
 re-noising. Every random draw comes from `pipeline.flowmap.draws` as a function of
 (seed, stage, step), so the Ray pipeline can reproduce any step exactly.
+
+This module is the loop only: what a step is (its draws, rollouts, settings, LoRA choices) is
+`pipeline/steps.py`, which the Ray roles (actors/, learners/) are built from too.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from pipeline import metrics as M
 from pipeline.config import Config, OptimConfig, Stage2Config
-from pipeline.data.schema import LatentDataset
-from pipeline.flowmap import draws, lora, losses, models
+from pipeline.flowmap import lora, losses, models
 from pipeline.flowmap.models import StudentFn, VelocityFn
 from pipeline.flowmap.optim import EMA, clip_grads, optimizer_from
-from pipeline.flowmap.schedule import PairFractions
-from pipeline.flowmap.simulate import GradCalls, backward_simulate, consistency_backward_simulate
 from pipeline.guard import StepGuard
-
-Log = Callable[[str, int, dict], None]
-"""log(stage, step, figures): where the stages report per-step figures."""
-
-ENDPOINT_ONLY = PairFractions(diffusion=0.5, endpoint=0.5)
-"""the consistency baseline's co-training pairs: no free r, only r = t and r = 0"""
-
-
-@dataclass
-class TrainData:
-    """The train split in memory, plus the null-prompt embedding."""
-
-    latents: torch.Tensor
-    prompt_embeds: torch.Tensor
-    null_embed: torch.Tensor
-
-    @classmethod
-    def from_dataset(cls, ds: LatentDataset, null_embed: torch.Tensor) -> "TrainData":
-        return cls(ds.latents, ds.prompt_embeds, null_embed[None])
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return tuple(self.latents.shape[1:])
-
-    def batch(self, index: torch.Tensor, drop: torch.Tensor | None = None):
-        x, cond = self.latents[index], self.prompt_embeds[index]
-        if drop is not None:
-            cond = losses.drop_prompts(cond, self.null_embed, drop)
-        return x, cond
+from pipeline.steps import (Log, TrainData, grad_calls_of, lora_of, rollout, stage1_settings, stage2_draws,
+                            supervised_draws, with_adapters)
 
 
 class Trainee:
@@ -114,8 +85,7 @@ def train_teacher(cfg: Config, data: TrainData, log: Log) -> torch.nn.Module:
     for step in range(c.steps):
         t0 = time.perf_counter()
         # 1. draws: rows, t logit-normal and shifted, noise, prompt dropout
-        d = draws.data_draws(cfg.run.seed, "teacher", step, c.batch_size, len(data.latents), data.latent_shape,
-                             cfg.model.shift, cfg.data.cond_dropout, None)
+        d = supervised_draws(cfg, "teacher", step, len(data.latents), data.latent_shape)
         x, cond = data.batch(d.index, d.drop)
         # 2. flow matching loss and update
         loss = losses.flow_matching_loss(v_fn, x, cond, d.t, d.eps)
@@ -128,14 +98,6 @@ def train_teacher(cfg: Config, data: TrainData, log: Log) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- stage 1
 
 
-def stage1_settings(cfg: Config) -> losses.Stage1Settings:
-    return losses.Stage1Settings(guidance=cfg.stage1.guidance, fd_step=cfg.stage1.fd_step, shift=cfg.model.shift)
-
-
-def stage1_fractions(cfg: Config) -> PairFractions:
-    return PairFractions(cfg.stage1.diffusion_fraction, cfg.stage1.endpoint_fraction)
-
-
 def train_stage1(cfg: Config, teacher: torch.nn.Module, data: TrainData, log: Log) -> torch.nn.Module:
     """Forward flow-map training of the converted student on data; returns its EMA weights."""
     c = cfg.stage1
@@ -144,8 +106,7 @@ def train_stage1(cfg: Config, teacher: torch.nn.Module, data: TrainData, log: Lo
     for step in range(c.steps):
         t0 = time.perf_counter()
         # 1. draws: rows, (t, r) pairs partitioned by index, noise, prompt dropout
-        d = draws.data_draws(cfg.run.seed, "stage1", step, c.batch_size, len(data.latents), data.latent_shape,
-                             cfg.model.shift, cfg.data.cond_dropout, stage1_fractions(cfg))
+        d = supervised_draws(cfg, "stage1", step, len(data.latents), data.latent_shape)
         x, cond = data.batch(d.index, d.drop)
         # 2. MeanFlow target with guidance fusion, weighting, rescaling; update
         loss, figs = losses.forward_flowmap_loss(u_fn, x, cond, data.null_embed, d.t, d.r, d.eps, settings)
@@ -157,58 +118,6 @@ def train_stage1(cfg: Config, teacher: torch.nn.Module, data: TrainData, log: Lo
 
 
 # ----------------------------------------------------------------------------- stage 2
-
-
-def rollout(u_fn, data: TrainData, r: draws.RolloutDraws, shift_k: float, consistency: bool,
-            grad_calls: GradCalls):
-    """The on-policy sample of a rollout draw: backward simulation (or the consistency rollout)."""
-    _, cond = data.batch(r.index)
-    if consistency:
-        return consistency_backward_simulate(u_fn, r.noise, cond, r.num_steps, r.k, shift_k, r.renoise,
-                                             grad=grad_calls.shortcut_out)
-    return backward_simulate(u_fn, r.noise, cond, r.num_steps, r.k, shift_k, grad_calls)
-
-
-def stage2_draws(cfg: Config, stage: str, step: int, num_rows: int, latent_shape):
-    """(generator rollouts, critic rollouts, co-training batch) of one stage-2 step."""
-    c: Stage2Config = getattr(cfg, stage)
-    consistency = stage == "consistency"
-    common = dict(seed=cfg.run.seed, stage=stage, step=step, batch=c.batch_size, num_rows=num_rows,
-                  latent_shape=latent_shape, shift_k=cfg.model.shift, num_steps_choices=c.num_steps_choices,
-                  min_s=c.dmd_min_s, max_s=c.dmd_max_s, consistency=consistency)
-    gen = draws.rollout_draws(**common, stream=1)
-    crit = draws.rollout_draws(**common, logit_normal_s=True, stream=2)
-    fractions = ENDPOINT_ONLY if consistency else stage1_fractions(cfg)
-    co = draws.data_draws(cfg.run.seed, stage, step, c.batch_size, num_rows, latent_shape, cfg.model.shift,
-                          cfg.data.cond_dropout, fractions)
-    return gen, crit, co
-
-
-def grad_calls_of(c: Stage2Config) -> GradCalls:
-    return GradCalls(**{name: name in c.grad_calls for name in ("shortcut_in", "real_step", "shortcut_out")})
-
-
-def lora_of(c: Stage2Config) -> lora.LoraSettings | None:
-    """The stage's LoRA settings, or None when it trains every parameter (`lora_rank` 0)."""
-    if c.lora_rank == 0:
-        return None
-    return lora.LoraSettings(c.lora_rank, c.lora_alpha or float(c.lora_rank), tuple(c.lora_targets))
-
-
-def lora_for(cfg: Config, stage: str, network: str) -> tuple[lora.LoraSettings | None, torch.Generator | None]:
-    """(settings, generator of the adapters' initialisation) of `network` (student or critic) in `stage`,
-    or (None, None) without LoRA. The initialisation is a function of (seed, stage, network), so every
-    process that builds the adapters (reference, learners, actors) builds the same ones."""
-    settings = lora_of(getattr(cfg, stage))
-    if settings is None:
-        return None, None
-    return settings, lora.init_generator(cfg.run.seed, stage, network)
-
-
-def with_adapters(cfg: Config, stage: str, network: str, model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with the stage's LoRA adapters added (`lora_for`), or unchanged without LoRA."""
-    settings, gen = lora_for(cfg, stage, network)
-    return model if settings is None else lora.add_adapters(model, settings, gen)
 
 
 def train_stage2(cfg: Config, stage: str, student: torch.nn.Module, teacher: torch.nn.Module,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import reference, sampling
+from pipeline import reference, sampling, steps
 from pipeline.config import Config, save_config
 from pipeline.data.schema import DatasetError, read_meta, read_null_embed, read_split, validate_dataset
 from pipeline.data.toy import make_toy_dataset
@@ -43,13 +43,13 @@ class RunState:
     data_dir: Path
     log: MetricsLog
     nets: dict[str, torch.nn.Module] = field(default_factory=dict)
-    _train: reference.TrainData | None = None
+    _train: steps.TrainData | None = None
 
     @property
-    def train(self) -> reference.TrainData:
+    def train(self) -> steps.TrainData:
         if self._train is None:
-            self._train = reference.TrainData.from_dataset(read_split(self.data_dir, "train"),
-                                                           read_null_embed(self.data_dir))
+            self._train = steps.TrainData.from_dataset(read_split(self.data_dir, "train"),
+                                                       read_null_embed(self.data_dir))
         return self._train
 
 

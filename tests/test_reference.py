@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AnyFlowPipeline, AnyFlowTransformer3DModel
 
-from pipeline import reference
+from pipeline import reference, steps
 from pipeline.config import load_config
 from pipeline.data.schema import read_null_embed, read_split
 from pipeline.evaluate import read_eval
@@ -83,9 +83,9 @@ def _teacher_loss(model, cfg, data):
 
 @torch.no_grad()
 def _stage1_loss(model, cfg, data):
-    x, cond, d = _fixed_batch(cfg, data, "stage1", reference.stage1_fractions(cfg))
+    x, cond, d = _fixed_batch(cfg, data, "stage1", steps.stage1_fractions(cfg))
     return losses.forward_flowmap_loss(StudentFn(model), x, cond, data.null_embed, d.t, d.r, d.eps,
-                                       reference.stage1_settings(cfg))[0].item()
+                                       steps.stage1_settings(cfg))[0].item()
 
 
 def test_each_stage_loss_goes_down_on_a_fixed_batch(tiny_world):
