@@ -1,12 +1,12 @@
 """RolloutWorker: a student snapshot that turns a step's draws into detached rollouts.
 
 For step `i` it regenerates the step's draws exactly as the reference does
-(`reference.stage2_draws`), runs Flow Map Backward Simulation without gradient for the
-generator draws and for the critic draws (`reference.rollout`), and returns one slice per
+(`steps.stage2_draws`), runs Flow Map Backward Simulation without gradient for the
+generator draws and for the critic draws (`steps.rollout`), and returns one slice per
 learner rank plus a small metadata dict (launch with `.options(num_returns=W + 1)`):
 
     rollout(i, stage, W) -> (slice_0, ..., slice_{W-1}, meta)
-    slice_r = {X_OLD: rows of rank r, X_CRIT: rows of rank r, META: meta}
+    slice_r = steps.Trajectory(x_old, x_crit: rows of rank r; step, N, k, student version)
 
 `meta` also carries what the rollout measured: its seconds, the bytes it made, its torch threads
 and its network calls (`nfe`: student calls of the generator rollout, `nfe_critic`: of the
@@ -23,35 +23,16 @@ where it is launched.
 from __future__ import annotations
 
 import time
-from dataclasses import fields, replace
 
 import ray
 import torch
 from diffusers import AnyFlowTransformer3DModel
 
-from actors import trajectory as T
-from pipeline import reference
+from pipeline import steps
 from pipeline.config import Config
 from pipeline.flowmap import lora
 from pipeline.flowmap.models import StudentFn
-
-
-class PromptRows:
-    """The part of `reference.TrainData` a rollout needs: prompt embeddings by row index."""
-
-    def __init__(self, prompt_embeds: torch.Tensor, null_embed: torch.Tensor):
-        self.prompt_embeds, self.null_embed = prompt_embeds, null_embed
-
-    def batch(self, index: torch.Tensor, drop: torch.Tensor | None = None):
-        if drop is not None:
-            raise ValueError("rollouts never drop prompts")
-        return None, self.prompt_embeds[index.to(self.prompt_embeds.device)]
-
-
-def draws_to(d, device: torch.device):
-    """A draws dataclass with every tensor moved to `device`."""
-    return replace(d, **{f.name: getattr(d, f.name).to(device) for f in fields(d)
-                         if torch.is_tensor(getattr(d, f.name))})
+from pipeline.steps import PromptRows, draws_to
 
 
 class CallCounter:
@@ -83,12 +64,12 @@ def device_for(gpus: float) -> torch.device:
 def adapted(cfg: Config, stage: str, network: str, model: torch.nn.Module, base_state: dict | None) -> torch.nn.Module:
     """`model` as the actor keeps it: with the stage's LoRA, `base_state` loaded and the adapters added
     (their weights come with every version); without LoRA unchanged (a version carries everything)."""
-    if reference.lora_of(getattr(cfg, stage)) is None:
+    if steps.lora_of(getattr(cfg, stage)) is None:
         return model
     if base_state is None:
         raise ValueError(f"{stage} trains LoRA adapters: the {network} actor needs the base weights (base_state)")
     model.load_state_dict(base_state)
-    return reference.with_adapters(cfg, stage, network, model)
+    return steps.with_adapters(cfg, stage, network, model)
 
 
 class WeightFollower:
@@ -142,21 +123,23 @@ class RolloutWorker(WeightFollower):
         t0 = time.perf_counter()
         pull_s = self.pull()
         c = getattr(self.cfg, stage)
-        consistency, calls = stage == "consistency", reference.grad_calls_of(c)
+        consistency, calls = stage == "consistency", steps.grad_calls_of(c)
         # 1. the step's draws, identical to the reference's
-        gen, crit, _ = reference.stage2_draws(self.cfg, stage, step, self.num_rows, self.latent_shape)
+        gen, crit, _ = steps.stage2_draws(self.cfg, stage, step, self.num_rows, self.latent_shape)
         # 2. backward simulation without gradient: generator rollouts, then the critic's
         self.u_fn.calls = 0
-        x_old = reference.rollout(self.u_fn, self.prompts, draws_to(gen, self.device), self.cfg.model.shift,
-                                  consistency, calls)
+        x_old = steps.rollout(self.u_fn, self.prompts, draws_to(gen, self.device), self.cfg.model.shift,
+                              consistency, calls)
         nfe = self.u_fn.calls
-        x_crit = reference.rollout(self.u_fn, self.prompts, draws_to(crit, self.device), self.cfg.model.shift,
-                                   consistency, calls)
+        x_crit = steps.rollout(self.u_fn, self.prompts, draws_to(crit, self.device), self.cfg.model.shift,
+                               consistency, calls)
         # 3. one compact slice per learner rank, tagged with the student version that made it
         meta = {"step": step, "num_steps": gen.num_steps, "k": gen.k, "student_version": self.version,
                 "created": time.time(), "rollout_seconds": time.perf_counter() - t0, "pull_seconds": pull_s,
-                "rows": x_old.shape[0], "bytes": T.nbytes(x_old, x_crit),
+                "rows": x_old.shape[0], "bytes": steps.nbytes(x_old, x_crit),
                 "nfe": nfe, "nfe_critic": self.u_fn.calls - nfe, "threads": torch.get_num_threads(),
                 "restarted": self._restarted()}
-        olds, crits = T.split_rows(x_old, num_learners), T.split_rows(x_crit, num_learners)
-        return [{T.X_OLD: o, T.X_CRIT: k, T.META: meta} for o, k in zip(olds, crits)] + [meta]
+        olds, crits = steps.split_rows(x_old, num_learners), steps.split_rows(x_crit, num_learners)
+        return [steps.Trajectory(stage, step, steps.rank_rows(x_old.shape[0], num_learners, r), gen.num_steps, gen.k,
+                                 self.version, x_old=o, x_crit=k)
+                for r, (o, k) in enumerate(zip(olds, crits))] + [meta]

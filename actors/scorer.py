@@ -1,11 +1,11 @@
 """Scorer: the frozen teacher and a critic snapshot; adds the DMD target to a step's rollouts.
 
     score(i, stage, slice_0, ..., slice_{W-1}) -> (target_0, ..., target_{W-1}, meta)
-    target_r = {Y: rows of rank r of y = x_old - grad, META: meta}
+    target_r = steps.Trajectory(y: rows of rank r of y = x_old - grad; critic version)
 
 The rollout slices arrive as top-level arguments, so Ray resolves them here (the only place
 besides the learners that reads trajectory bytes). The DMD noise level and noise are the
-step's generator draws (`reference.stage2_draws`), so the target is the reference's. The
+step's generator draws (`steps.stage2_draws`), so the target is the reference's. The
 critic is pulled from the WeightStore (newest version) before scoring; its version tags the
 target. With LoRA the critic is the teacher's weights plus adapters, and a version carries
 the adapters only. The metadata also carries the scorer's seconds, bytes, torch threads and
@@ -21,13 +21,13 @@ import ray
 import torch
 from diffusers import WanTransformer3DModel
 
-from actors import trajectory as T
-from actors.rollout import CallCounter, PromptRows, WeightFollower, adapted, device_for, draws_to
+from actors.rollout import CallCounter, WeightFollower, adapted, device_for
 from pipeline import metrics as M
-from pipeline import reference
+from pipeline import steps
 from pipeline.config import Config
 from pipeline.flowmap import losses
 from pipeline.flowmap.models import VelocityFn
+from pipeline.steps import PromptRows, draws_to
 
 
 class Scorer(WeightFollower):
@@ -56,15 +56,18 @@ class Scorer(WeightFollower):
         pull_s = self.pull()
         c = getattr(self.cfg, stage)
         # 1. the step's generator draws (prompts, DMD noise level and noise), identical to the reference's
-        gen, _, _ = reference.stage2_draws(self.cfg, stage, step, self.num_rows, self.latent_shape)
+        gen, _, _ = steps.stage2_draws(self.cfg, stage, step, self.num_rows, self.latent_shape)
         gen = draws_to(gen, self.device)
-        x_old = torch.cat([s[T.X_OLD] for s in rollout_slices]).to(self.device)
+        x_old = torch.cat([s.x_old for s in rollout_slices]).to(self.device)
         _, cond = self.prompts.batch(gen.index)
         # 2. y = x_old - grad against the teacher (guided) and the critic snapshot
         t_fn, c_fn = CallCounter(VelocityFn(self.teacher)), CallCounter(VelocityFn(self.critic))
         y, figs = losses.dmd_target(t_fn, c_fn, x_old, cond, self.prompts.null_embed, gen.s, gen.eps, c.real_guidance)
         meta = {"step": step, "critic_version": self.version, "score_seconds": time.perf_counter() - t0,
-                "score_pull_seconds": pull_s, "bytes": T.nbytes(y), "teacher_calls": t_fn.calls,
+                "score_pull_seconds": pull_s, "bytes": steps.nbytes(y), "teacher_calls": t_fn.calls,
                 "critic_calls": c_fn.calls, "score_threads": torch.get_num_threads(), "score_restarted": self._restarted(),
                 **{M.DMD_PREFIX + k: v for k, v in figs.items()}}
-        return [{T.Y: y_r, T.META: meta} for y_r in T.split_rows(y, len(rollout_slices))] + [meta]
+        # the target parts: this step's rows of each rank, tagged with the critic version
+        return [steps.Trajectory(stage, step, part.rows, part.num_steps, part.k, part.student_version,
+                                 critic_version=self.version, y=y_r)
+                for part, y_r in zip(rollout_slices, steps.split_rows(y, len(rollout_slices)))] + [meta]

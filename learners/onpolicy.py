@@ -5,7 +5,7 @@ Each rank (one data-parallel rank of W) builds the student and the critic as Dee
 engines (`learners.deepspeed_setup.wrap`), then for every step i:
 
 1. takes its slice refs of step i from the ReplayBuffer (rollout: x_old, x_crit; target: y);
-2. regenerates the step's draws (`reference.stage2_draws`) and keeps its rows (`slice_rows`);
+2. regenerates the step's draws (`steps.stage2_draws`) and keeps its rows (`slice_rows`);
 3. recomputes the rollout x_theta from the same noise, N and k *with* gradient and minimises
    the decoupled DMD loss `mean((x_theta - y)^2)` plus the co-training stage-1 loss on its
    rows of the step's real-data batch (the r != t rescaling is over the global batch:
@@ -40,9 +40,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from actors import trajectory as T
-from actors.rollout import draws_to
-from pipeline import reference
+from pipeline import steps
 from pipeline.config import Config
 from pipeline.data.schema import LatentDataset, batch_to_tensors, read_meta, shard_paths
 from pipeline.flowmap import lora, losses
@@ -50,6 +48,7 @@ from pipeline.flowmap.draws import slice_rows
 from pipeline.flowmap.models import StudentFn, VelocityFn
 from pipeline import metrics as M
 from pipeline.guard import StepGuard
+from pipeline.steps import draws_to
 
 
 
@@ -67,13 +66,13 @@ def read_train_split(data_dir: str) -> "ray.data.MaterializedDataset":
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = before
 
 
-def train_split_of(ds, data_dir: str, null_embed: torch.Tensor) -> reference.TrainData:
+def train_split_of(ds, data_dir: str, null_embed: torch.Tensor) -> steps.TrainData:
     """Every row of the dataset as tensors (`batch_to_tensors` checks them against dataset.json)."""
     meta = read_meta(data_dir)
     parts = [batch_to_tensors(b, meta["latent_shape"], meta["embed_shape"], where=f"{data_dir}/train")
              for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
     split = LatentDataset.concat(parts)
-    return reference.TrainData(split.latents, split.prompt_embeds, null_embed.reshape(1, *null_embed.shape[-2:]))
+    return steps.TrainData(split.latents, split.prompt_embeds, null_embed.reshape(1, *null_embed.shape[-2:]))
 
 
 class Nets:
@@ -123,9 +122,9 @@ def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 class OnDevice:
-    """`reference.TrainData` whose batches land on the learner's device (the split stays on CPU)."""
+    """`steps.TrainData` whose batches land on the learner's device (the split stays on CPU)."""
 
-    def __init__(self, data: reference.TrainData, device: torch.device):
+    def __init__(self, data: steps.TrainData, device: torch.device):
         self.data, self.device = data, device
         self.latents, self.latent_shape = data.latents, data.latent_shape
         self.null_embed = data.null_embed.to(device)
@@ -150,16 +149,16 @@ class OnPolicyLearner:
         student, critic = nets.student(student_state), nets.teacher(critic_state)
         student, critic = student.to(device), critic.to(device)
         micro = self.c.batch_size // world
-        settings, gen = reference.lora_for(cfg, stage, "student")
+        settings, gen = steps.lora_for(cfg, stage, "student")
         self.student, self.ema = ds.wrap(student, self.c.optim, self.zero, micro, keep_ema=rank == 0, lora=settings,
                                          lora_init=gen)
-        settings, gen = reference.lora_for(cfg, stage, "critic")
+        settings, gen = steps.lora_for(cfg, stage, "critic")
         self.critic, _ = ds.wrap(critic, self.c.critic_optim, self.zero, micro, keep_ema=False, lora=settings,
                                  lora_init=gen)
         self.lora = settings is not None
         self.u_fn, self.c_fn = StudentFn(self.student), VelocityFn(self.critic)
-        self.settings, self.calls = reference.stage1_settings(cfg), reference.grad_calls_of(self.c)
-        self.rows = T.rank_rows(self.c.batch_size, world, rank)
+        self.settings, self.calls = steps.stage1_settings(cfg), steps.grad_calls_of(self.c)
+        self.rows = steps.rank_rows(self.c.batch_size, world, rank)
         self._publishing = None
         self.guard = StepGuard(f"{stage} student", cfg.run.max_bad_steps)
         self.critic_guard = StepGuard(f"{stage} critic", cfg.run.max_bad_steps,
@@ -176,9 +175,11 @@ class OnPolicyLearner:
         return {"student": Trainable(self.student, self.ema, lambda: self.u_fn(x, t, t, cond)),
                 "critic": Trainable(self.critic, None, lambda: self.c_fn(x, t, t, cond))}
 
-    def _take(self, step: int) -> tuple[dict, dict]:
+    def _take(self, step: int) -> steps.Trajectory:
+        """This rank's trajectory record of `step`: its rollout part joined with its target part."""
         rollout_ref, target_ref = ray.get(self.buffer.take.remote(step, self.rank))
-        return tuple(ray.get([rollout_ref, target_ref]))
+        rollout, target = ray.get([rollout_ref, target_ref])
+        return rollout.joined(target)
 
     def step(self, step: int) -> dict:
         """One generator step and one critic step (ALGORITHM.md, stage 2, decoupled form).
@@ -190,10 +191,10 @@ class OnPolicyLearner:
         cfg, c, data, stage = self.cfg, self.c, self.data, self.stage
         t0 = time.perf_counter()
         # 1. the step's draws, this rank's rows
-        gen, crit, co = reference.stage2_draws(cfg, stage, step, len(data.latents), data.latent_shape)
+        gen, crit, co = steps.stage2_draws(cfg, stage, step, len(data.latents), data.latent_shape)
         gen, crit, co = (draws_to(slice_rows(d, *self.rows), self.device) for d in (gen, crit, co))
         # 2. generator forward: differentiable rollout from the step's noise, N, k; co-training loss
-        x_theta = reference.rollout(self.u_fn, data, gen, cfg.model.shift, stage == "consistency", self.calls)
+        x_theta = steps.rollout(self.u_fn, data, gen, cfg.model.shift, stage == "consistency", self.calls)
         loss_co = torch.zeros(())
         if c.cotrain_weight > 0:
             x, cond_co = data.batch(co.index, co.drop)
@@ -201,15 +202,15 @@ class OnPolicyLearner:
                                                      self.settings, all_reduce=_sum_over_ranks)
         # 3. this rank's slices of the step's rollout and target (waits for the rollout side)
         t_wait = time.perf_counter()
-        rollout, target = self._take(step)
+        traj = self._take(step)
         t1 = time.perf_counter()
         # 4. decoupled DMD against the buffered target, plus co-training; one backward
-        x_old, y = rollout[T.X_OLD].to(self.device), target[T.Y].to(self.device)
+        x_old, y = traj.x_old.to(self.device), traj.y.to(self.device)
         drift = torch.stack([((x_theta.detach() - x_old) ** 2).sum(), ((x_old - y) ** 2).sum()])
         loss_dmd = losses.dmd_loss(x_theta, losses.offpolicy_target(y, x_old, x_theta, cfg.ray.lag_target),
                                    c.dmd_weight)
         loss = loss_dmd + c.cotrain_weight * loss_co if c.cotrain_weight > 0 else loss_dmd
-        self.guard.check(loss, y=target[T.Y])
+        self.guard.check(loss, y=traj.y)
         ok = guarded_step(self.student, loss, self.guard)
         norm = float(self.student.get_global_grad_norm() or 0.0)
         # 5. student EMA (rank 0), then the critic: flow matching on the buffered critic rollouts
@@ -219,7 +220,7 @@ class OnPolicyLearner:
                     self.ema.update(self.student.module, step)
         guard_figures = self.guard.record(step, ok)
         _, cond_c = data.batch(crit.index)
-        x_crit = rollout[T.X_CRIT].to(self.device)
+        x_crit = traj.x_crit.to(self.device)
         loss_critic = losses.flow_matching_loss(self.c_fn, x_crit, cond_c, crit.s, crit.eps)
         self.critic_guard.check(loss_critic, x_crit=x_crit)
         ok_critic = guarded_step(self.critic, loss_critic, self.critic_guard)

@@ -6,7 +6,7 @@ Each worker is one data-parallel rank with DeepSpeed engines (`learners.deepspee
 Starting the group (worker processes, the process group, DeepSpeed, the data) is paid once
 per run, not per stage. Per stage:
 
-* teacher, stage1 (`SupervisedLearner`): the reference's step (pipeline/reference.py) on this
+* teacher, stage1 (`SupervisedLearner`): the reference's step (pipeline/steps.py) on this
   rank's rows of the global batch; DeepSpeed averages the gradients, stage 1's r != t
   rescaling sums its statistics over ranks, so the update is the reference's.
 * stage2, consistency (`learners.onpolicy.OnPolicyLearner`): batches from the replay buffer
@@ -36,17 +36,15 @@ import ray
 import torch
 import torch.distributed as dist
 
-from actors import trajectory as T
-from actors.rollout import draws_to
 from learners import checkpoint
 from learners.onpolicy import Nets, OnDevice, OnPolicyLearner, _sum_over_ranks, guarded_step, train_split_of
 from pipeline import metrics as M
-from pipeline import reference
 from pipeline.config import Config
-from pipeline.flowmap import draws, losses
+from pipeline.flowmap import losses
 from pipeline.flowmap.draws import slice_rows
 from pipeline.flowmap.models import StudentFn, VelocityFn, student_from_teacher
 from pipeline.guard import StepGuard
+from pipeline.steps import draws_to, rank_rows, stage1_settings, supervised_draws
 
 TRAIN_STAGES = ("teacher", "stage1", "stage2", "consistency")
 RESULT_NETS = {"teacher": "teacher", "stage1": "student_stage1", "stage2": "student", "consistency": "consistency"}
@@ -111,8 +109,8 @@ class SupervisedLearner:
         self.engine, self.ema = ds.wrap(model, self.c.optim, self.zero, self.c.batch_size // world,
                                         keep_ema=rank == 0)
         self.fn = VelocityFn(self.engine) if stage == "teacher" else StudentFn(self.engine)
-        self.settings = reference.stage1_settings(cfg)
-        self.rows = T.rank_rows(self.c.batch_size, world, rank)
+        self.settings = stage1_settings(cfg)
+        self.rows = rank_rows(self.c.batch_size, world, rank)
         self.guard = StepGuard(stage, cfg.run.max_bad_steps)
         self._ds = ds
 
@@ -122,11 +120,9 @@ class SupervisedLearner:
         return {"student": checkpoint.Trainable(self.engine, self.ema, lambda: self.fn(x, t, t, cond))}
 
     def step(self, step: int) -> dict:
-        cfg, c = self.s.cfg, self.c
+        cfg = self.s.cfg
         t0 = time.perf_counter()
-        fractions = None if self.stage == "teacher" else reference.stage1_fractions(cfg)
-        d = draws.data_draws(cfg.run.seed, self.stage, step, c.batch_size, len(self.data.latents),
-                             self.data.latent_shape, cfg.model.shift, cfg.data.cond_dropout, fractions)
+        d = supervised_draws(cfg, self.stage, step, len(self.data.latents), self.data.latent_shape)
         d = draws_to(slice_rows(d, *self.rows), self.device)
         x, cond = self.data.batch(d.index, d.drop)
         if self.stage == "teacher":

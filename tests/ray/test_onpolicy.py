@@ -1,6 +1,7 @@
 """The on-policy stage on Ray against the one-process reference (the pipeline's correctness oracle),
 its lag bound, its buffer bound, refs-only driver, and the fail-fast resource check."""
 
+import dataclasses
 import time
 
 import pytest
@@ -51,6 +52,9 @@ class GetSpy:
     def _walk(self, x):
         if torch.is_tensor(x):
             self.shapes.append(tuple(x.shape))
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):  # a steps.Trajectory, say
+            for f in dataclasses.fields(x):
+                self._walk(getattr(x, f.name))
         elif isinstance(x, dict):
             for v in x.values():
                 self._walk(v)
