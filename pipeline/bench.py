@@ -2,7 +2,7 @@
 
 Prints progress, then its figures as one JSON object on the last line of stdout.
 
-`pipeline`: the on-policy stage on Ray (`pipeline.onpolicy.run`) against the one-process reference
+`pipeline`: the on-policy stage on Ray (`pipeline.distributed.run`) against the one-process reference
 (`pipeline.reference.train_stage2`), same preset, same machine, one process, one local Ray:
 
     for each repeat: reference | Ray at max_policy_lag 0 | lag 1 | lag 2    (interleaved, so drift
@@ -200,14 +200,14 @@ def run_reference(cfg, student, teacher, data, warmup: int) -> dict:
 
 def run_ray(cfg, student, teacher, data_dir, warmup: int, poll_s: float) -> dict:
     """One on-policy run on Ray with the object store polled; its steady step time and figures."""
-    from pipeline import onpolicy
+    from pipeline import distributed
 
     log = M.MetricsLog(None, totals={"stage2": cfg.stage2.steps})
     poller = ObjectStorePoller(cfg.ray.learners, poll_s)
     poller.start()
     t0 = time.time()
     try:
-        result = onpolicy.run(cfg, "stage2", student, teacher, data_dir, log)
+        result = distributed.run(cfg, "stage2", student, teacher, data_dir, log)
     finally:
         poller.stop()
     # step i is done when the learner has published version i + 1 (the WeightStore stamps each version)

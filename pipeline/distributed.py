@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,9 @@ import torch
 
 from pipeline import metrics as M
 from pipeline.config import Config, RayConfig
-from pipeline.reference import Log
+from pipeline.driver import POLL_S, FitThread, threads_for, wait
+from pipeline.steps import Log
 
-POLL_S = 0.2
 SUPERVISED = ("teacher", "stage1")
 ONPOLICY = ("stage2", "consistency")
 
@@ -61,11 +60,6 @@ def init_ray(cfg: Config) -> None:
             print(f"Ray dashboard: http://{ctx.dashboard_url}", flush=True)
     else:
         ray.init(address=address)
-
-
-def threads_for(cpus: float) -> int:
-    """Torch threads of a pool member that reserved `cpus` CPUs: rounded, at least 1."""
-    return max(1, int(round(cpus)))
 
 
 def release_ray() -> None:
@@ -110,24 +104,6 @@ def check_resources(rc: RayConfig, onpolicy: bool = True) -> None:
             f"pool sizes (ray.rollout_actors, ray.scorer_actors, ray.learners), or join a bigger cluster (ray.address)")
 
 
-class FitThread(threading.Thread):
-    """`trainer.fit()` in the background; its error, if any, is re-raised by the driver loop."""
-
-    def __init__(self, trainer):
-        super().__init__(name="learners", daemon=True)
-        self.trainer, self.error = trainer, None
-
-    def run(self) -> None:
-        try:
-            self.trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread
-            self.error = exc
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"the learners failed: {self.error}") from self.error
-
-
 class Rewind(Exception):
     """The learner group restarted (Ray Train restored it from a checkpoint) and goes on from `start`."""
 
@@ -160,15 +136,6 @@ class Watch:
         got = ray.get(self.hub.begun.remote(self.stage))
         if got is not None and got[1] != self.generation:
             raise Rewind(*got)
-
-
-def wait(ref: ray.ObjectRef, fit: FitThread | Watch):
-    """`ray.get(ref)`, but raise at once if the learners fail meanwhile."""
-    while True:
-        ready, _ = ray.wait([ref], timeout=POLL_S)
-        if ready:
-            return ray.get(ref)
-        fit.check()
 
 
 def storage_of(cfg: Config) -> Path:
@@ -362,3 +329,25 @@ def _follow(cfg: Config, stage: str, hub, fit: FitThread, log: Log) -> None:
             _result(stage, hub, fit)  # one last look, else a clear error
             continue
         time.sleep(POLL_S)
+
+
+@dataclass
+class Result:
+    student: torch.nn.Module
+    """the student EMA"""
+    critic: torch.nn.Module
+    buffer_stats: dict
+    """ReplayBuffer.stats(): peak depth, bytes per trajectory, types of everything it held"""
+    store_stats: dict
+    """WeightStore.stats(): last version, bytes per version"""
+
+
+def run(cfg: Config, stage: str, student: torch.nn.Module, teacher: torch.nn.Module,
+        data_dir: str | Path, log: Log) -> Result:
+    """One on-policy stage on Ray from a given stage-1 student and teacher, with the buffer's and
+    store's statistics (the tests' and the benchmark's entry; runs use `train_session`).
+    Always starts fresh: earlier checkpoints of the run name are forgotten."""
+    out = train_session(cfg, [stage], {"student_stage1": student, "teacher": teacher}, data_dir, log, fresh=True)
+    stats = out.stats[stage]
+    student_key = "student" if stage == "stage2" else "consistency"
+    return Result(out.nets[student_key], out.nets[f"critic_{stage}"], stats["buffer"], stats["store"])

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 import torch
@@ -40,8 +39,8 @@ from actors.scorer import Scorer
 from actors.weights import WeightStore
 from pipeline import metrics as M
 from pipeline.config import Config
-from pipeline.distributed import ClusterTooSmall, FitThread, _result, threads_for, train_session, wait  # noqa: F401
-from pipeline.reference import Log
+from pipeline.driver import FitThread, threads_for, wait
+from pipeline.steps import Log
 
 POLL_S = 0.5
 
@@ -177,25 +176,3 @@ def drive(cfg: Config, stage: str, fleet: Fleet, fit: FitThread, log: Log, start
             break
         time.sleep(POLL_S / 5)
         steps.flush()
-
-
-@dataclass
-class Result:
-    student: torch.nn.Module
-    """the student EMA"""
-    critic: torch.nn.Module
-    buffer_stats: dict
-    """ReplayBuffer.stats(): peak depth, bytes per trajectory, types of everything it held"""
-    store_stats: dict
-    """WeightStore.stats(): last version, bytes per version"""
-
-
-def run(cfg: Config, stage: str, student: torch.nn.Module, teacher: torch.nn.Module,
-        data_dir: str | Path, log: Log) -> Result:
-    """One on-policy stage on Ray from a given stage-1 student and teacher, with the buffer's and
-    store's statistics (the tests' and the benchmark's entry; runs use `distributed.train_session`).
-    Always starts fresh: earlier checkpoints of the run name are forgotten."""
-    out = train_session(cfg, [stage], {"student_stage1": student, "teacher": teacher}, data_dir, log, fresh=True)
-    stats = out.stats[stage]
-    student_key = "student" if stage == "stage2" else "consistency"
-    return Result(out.nets[student_key], out.nets[f"critic_{stage}"], stats["buffer"], stats["store"])

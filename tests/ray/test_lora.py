@@ -6,7 +6,7 @@ exactly as the reference does."""
 import pytest
 import torch
 
-from pipeline import onpolicy, reference
+from pipeline import distributed, reference
 from pipeline.config import load_config
 from pipeline.data.schema import read_null_embed, read_split
 from pipeline.flowmap import lora
@@ -74,7 +74,7 @@ def test_lag0_with_lora_matches_the_reference_with_lora_and_each_sync_carries_on
     _, data_dir, teacher, student = tiny_world
     cfg = _config(tiny_world, f"lora-lag0-z{zero}", f"ray.zero_stage={zero}")
     got = []
-    result = onpolicy.run(cfg, "stage2", student, teacher, data_dir, lambda s, i, f: got.append(f))
+    result = distributed.run(cfg, "stage2", student, teacher, data_dir, lambda s, i, f: got.append(f))
     _assert_matches(got, lora_reference, result.student, result.critic, tiny_world)
     # what travelled per version: the adapters of student and critic, a small fraction of the full state
     targets = cfg.stage2.lora_targets

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from pipeline import onpolicy, reference
+from pipeline import distributed, onpolicy, reference
 from pipeline.config import load_config
 from pipeline.data.schema import read_meta, read_null_embed, read_split
 
@@ -69,7 +69,7 @@ def _run_ray(tiny_world, ray_cluster, monkeypatch, name, *extra, steps=STEPS):
     spy = GetSpy(ray_cluster.get)
     monkeypatch.setattr(ray_cluster, "get", spy)
     records = []
-    result = onpolicy.run(cfg, "stage2", student, teacher, data_dir, lambda s, i, f: records.append((s, i, f)))
+    result = distributed.run(cfg, "stage2", student, teacher, data_dir, lambda s, i, f: records.append((s, i, f)))
     monkeypatch.undo()
     assert [i for _, i, _ in records] == list(range(steps)) and {s for s, _, _ in records} == {"stage2"}
     return cfg, result, [f for _, _, f in records], spy
@@ -152,8 +152,8 @@ def test_a_request_beyond_the_cluster_fails_within_seconds_naming_ask_and_cluste
     _, data_dir, teacher, student = tiny_world
     cfg = _config(tiny_world, "too-big", "ray.learners=4", "ray.learner_cpus=2")
     t0 = time.perf_counter()
-    with pytest.raises(onpolicy.ClusterTooSmall) as err:
-        onpolicy.run(cfg, "stage2", student, teacher, data_dir, lambda *a: None)
+    with pytest.raises(distributed.ClusterTooSmall) as err:
+        distributed.run(cfg, "stage2", student, teacher, data_dir, lambda *a: None)
     assert time.perf_counter() - t0 < 5
     msg = str(err.value)
     assert "4 learners x (2 CPU, 0 GPU)" in msg and "the cluster has 4 CPUs and 0 GPUs" in msg, msg
@@ -166,7 +166,7 @@ def test_a_learner_failure_mid_stage_is_restored_and_the_run_still_matches_the_r
     cfg = _config(tiny_world, "lag0-learner-fault", "ray.rollout_actors=1", "run.checkpoint_every=5",
                   "run.learner_restarts=1")
     figures, out = learner_fault_run(cfg, after_step=7)
-    result = onpolicy.Result(out.nets["student"], out.nets["critic_stage2"], {}, {})
+    result = distributed.Result(out.nets["student"], out.nets["critic_stage2"], {}, {})
     _assert_matches_reference(figures, reference_run, result)
 
 
@@ -176,7 +176,6 @@ def test_killed_rollout_and_scorer_actors_are_restarted_and_no_step_is_lost(ray_
     equals the reference."""
     import threading
 
-    from pipeline import distributed
     from pipeline.metrics import ACTOR_RESTARTS
     from pipeline.onpolicy import fleet_name
 
@@ -201,5 +200,5 @@ def test_killed_rollout_and_scorer_actors_are_restarted_and_no_step_is_lost(ray_
     assert [name for name, _ in killed] == [f"{prefix}-rollout-1", f"{prefix}-scorer-0"], killed
     assert [i for i, _ in records] == list(range(STEPS))
     assert records[-1][1][ACTOR_RESTARTS] == 2, [f[ACTOR_RESTARTS] for _, f in records]
-    result = onpolicy.Result(out.nets["student"], out.nets["critic_stage2"], {}, {})
+    result = distributed.Result(out.nets["student"], out.nets["critic_stage2"], {}, {})
     _assert_matches_reference([f for _, f in records], reference_run, result)
