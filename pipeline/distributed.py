@@ -191,6 +191,12 @@ class SessionResult:
     critic_stage2, critic_consistency)"""
     stats: dict[str, dict] = field(default_factory=dict)
     """per on-policy stage: {"buffer": ReplayBuffer.stats(), "store": WeightStore.stats(), "hub": counters}"""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """per stage, as the driver saw it: from the end of the stage before (the first stage: from its learners
+    beginning it) to the stage's networks handed to `on_result`"""
+    startup_seconds: float = 0.0
+    """from the call to the learners beginning the first stage (Ray, the Ray Data read, the learner group's
+    workers and DeepSpeed; for an on-policy first stage also its fleet)"""
 
 
 def _module(like_name: str, teacher_config: dict, state: dict) -> torch.nn.Module:
@@ -214,6 +220,7 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
     from pipeline.data.schema import read_null_embed
     from pipeline.flowmap import models
 
+    t_call = time.perf_counter()
     unknown = [s for s in stages if s not in SUPERVISED + ONPOLICY]
     if unknown:
         raise ValueError(f"not training stages: {unknown}")
@@ -241,16 +248,18 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
     fit = FitThread(make_trainer(cfg, setup))
     fit.start()
     out = SessionResult(nets=dict(nets))
+    last = None  # when the stage before ended (perf_counter)
     try:
         for stage in stages:
             if stage in SUPERVISED:
-                _follow(cfg, stage, hub, fit, log)
+                began = _follow(cfg, stage, hub, fit, log)
             else:
                 fleet = onpolicy.launch_fleet(cfg, stage, _need(out.nets, "student_stage1"), _need(out.nets, "teacher"),
                                               split.prompt_embeds, split.null_embed, split.latent_shape)
                 try:
                     ray.get(hub.open_stage.remote(stage, fleet.store, fleet.buffer))
                     start, generation = _begun(stage, hub, fit)
+                    began = time.perf_counter()
                     step_log = onpolicy.StepLog(stage, getattr(cfg, stage).steps, fleet.store, log, start)
                     while True:
                         watch = Watch(fit, hub, stage, generation)
@@ -275,6 +284,10 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
                 out.nets[name] = module
                 if on_result:
                     on_result(name, module)
+            now = time.perf_counter()
+            if last is None:
+                out.startup_seconds = began - t_call
+            out.seconds[stage], last = now - (began if last is None else last), now
         fit.join()
         if fit.error is not None:
             fit.check()
@@ -312,9 +325,11 @@ def _result(stage: str, hub, fit: FitThread) -> dict:
     return _poll(lambda: ray.get(hub.result.remote(stage)), fit, f"the result of {stage}")
 
 
-def _follow(cfg: Config, stage: str, hub, fit: FitThread, log: Log) -> None:
-    """Log a supervised stage's figures, in step order, until its result is there."""
+def _follow(cfg: Config, stage: str, hub, fit: FitThread, log: Log) -> float:
+    """Log a supervised stage's figures, in step order, until its result is there; returns when the
+    driver saw the learners begin the stage (perf_counter)."""
     start, _ = _begun(stage, hub, fit)
+    began = time.perf_counter()
     nxt = start
     while True:
         done = ray.get(hub.result.remote(stage)) is not None
@@ -323,7 +338,7 @@ def _follow(cfg: Config, stage: str, hub, fit: FitThread, log: Log) -> None:
             log(stage, nxt, figures[nxt])
             nxt += 1
         if done:
-            return
+            return began
         fit.check()
         if not fit.is_alive():
             _result(stage, hub, fit)  # one last look, else a clear error

@@ -44,6 +44,8 @@ class RunState:
     log: MetricsLog
     nets: dict[str, torch.nn.Module] = field(default_factory=dict)
     _train: steps.TrainData | None = None
+    on_ray: dict[str, float] = field(default_factory=dict)
+    """training stage -> its seconds, for the stages a Ray session trained (`train_on_ray`)"""
 
     @property
     def train(self) -> steps.TrainData:
@@ -250,16 +252,17 @@ def _need(st: RunState, name: str) -> torch.nn.Module:
     return st.nets[name]
 
 
-def train_on_ray(st: RunState, first: str) -> None:
+def train_on_ray(st: RunState, first: str) -> str | None:
     """`first` and every later training stage of run.stages whose network is not there yet, in one
     Ray session (one learner group for all of them; pipeline/distributed.py). Each network is saved
-    as soon as it arrives, so a run cut short keeps every finished stage."""
+    as soon as it arrives, so a run cut short keeps every finished stage. Returns what ran, for the
+    console: the stages and each one's seconds (`st.on_ray` keeps them for the later stages' lines)."""
     from pipeline import distributed  # imports Ray: only when the Ray backend is asked for
 
     listed = [s for s in st.cfg.run.stages if s in STAGE_OUTPUT]
     todo = [s for s in listed[listed.index(first):] if not _load(st, STAGE_OUTPUT[s])]
     if not todo:
-        return
+        return None
     have = {k: st.nets[k] for k in ("teacher", "student_stage1") if _load(st, k)}
 
     def save(name: str, module: torch.nn.Module) -> None:
@@ -268,31 +271,41 @@ def train_on_ray(st: RunState, first: str) -> None:
             st.nets[name] = module
         print(f"== {name} trained and saved", flush=True)
 
-    distributed.train_session(st.cfg, todo, have, st.data_dir, st.log, on_result=save)
+    out = distributed.train_session(st.cfg, todo, have, st.data_dir, st.log, on_result=save)
     distributed.release_ray()
+    st.on_ray.update(out.seconds)
+    times = ", ".join(f"{s} {out.seconds[s]:.0f}s" for s in todo)
+    return f"one Ray session trained {', '.join(todo)} (learner start-up {out.startup_seconds:.0f}s, {times})"
 
 
-def stage_teacher(st: RunState) -> None:
+def _done_before(st: RunState, stage: str) -> str:
+    """What the console says of a training stage whose network was there when the stage came."""
+    if stage in st.on_ray:
+        return f"trained in the Ray session above, in {st.on_ray[stage]:.0f}s"
+    return f"not trained: {STAGE_OUTPUT[stage]} loaded from {_source(st.cfg, st.run_dir, STAGE_OUTPUT[stage])}"
+
+
+def stage_teacher(st: RunState) -> str | None:
     if _load(st, "teacher"):
-        return
+        return _done_before(st, "teacher")
     if st.cfg.ray.backend == "ray":
         return train_on_ray(st, "teacher")
     st.nets["teacher"] = reference.train_teacher(st.cfg, st.train, st.log)
     _save(st.nets["teacher"], st.run_dir / NET_FOLDERS["teacher"])
 
 
-def stage_stage1(st: RunState) -> None:
+def stage_stage1(st: RunState) -> str | None:
     if _load(st, "student_stage1"):
-        return
+        return _done_before(st, "stage1")
     if st.cfg.ray.backend == "ray":
         return train_on_ray(st, "stage1")
     st.nets["student_stage1"] = reference.train_stage1(st.cfg, _need(st, "teacher"), st.train, st.log)
     _save(st.nets["student_stage1"], st.run_dir / NET_FOLDERS["student_stage1"])
 
 
-def _stage2_like(st: RunState, stage: str, key: str) -> None:
+def _stage2_like(st: RunState, stage: str, key: str) -> str | None:
     if _load(st, key):
-        return
+        return _done_before(st, stage)
     if st.cfg.ray.backend == "ray":
         return train_on_ray(st, stage)
     student, critic = reference.train_stage2(st.cfg, stage, _need(st, "student_stage1"), _need(st, "teacher"),
@@ -302,12 +315,12 @@ def _stage2_like(st: RunState, stage: str, key: str) -> None:
     _save(student, st.run_dir / NET_FOLDERS[key])
 
 
-def stage_stage2(st: RunState) -> None:
-    _stage2_like(st, "stage2", "student")
+def stage_stage2(st: RunState) -> str | None:
+    return _stage2_like(st, "stage2", "student")
 
 
-def stage_consistency(st: RunState) -> None:
-    _stage2_like(st, "consistency", "consistency")
+def stage_consistency(st: RunState) -> str | None:
+    return _stage2_like(st, "consistency", "consistency")
 
 
 def stage_eval(st: RunState) -> None:
@@ -351,8 +364,8 @@ def run_stages(cfg: Config) -> Path:
         for stage in cfg.run.stages:
             t0 = time.time()
             print(f"== {stage}", flush=True)
-            STAGE_FUNCS[stage](st)
-            print(f"== {stage} done in {time.time() - t0:.0f}s", flush=True)
+            what = STAGE_FUNCS[stage](st)  # a training stage may say what ran (on Ray, or nothing: loaded)
+            print(f"== {stage} done in {time.time() - t0:.0f}s" + (f": {what}" if what else ""), flush=True)
         status = "FINISHED"
     finally:
         log.close()
