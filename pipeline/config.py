@@ -222,14 +222,14 @@ class RayConfig:
     i - L is out, overlapping rollout and learning; 0 (the default) reproduces the reference step for step.
     On the toy preset L = 1 makes stage 2 about 20 % faster on 2 cores but changes the student: better at
     every step count on both metrics, yet its ode_error rises 10.5 % from 4 to 32 steps (the bar allows 5 %;
-    the same in 4 of 4 runs; met with `lag_target` recentred); L = 2 misses it in 1 of 3 runs (README,
-    "Policy lag and quality")"""
+    the same in 4 of 4 runs; met with `lag_target` recentred); L = 2 misses it in 1 of 3 runs
+    (docs/policy-lag.md)"""
     lag_target: str = "stored"
     """what a learner regresses its rollout on when the buffered one came from an older student version
     (`pipeline.flowmap.losses.offpolicy_target`): "stored", the buffered target y = x_old - grad (ALGORITHM.md;
     its gradient also pulls toward x_old), or "recentred", the same DMD step from the learner's own sample.
     Identical at lag 0. Toy preset, lag 1: "stored" misses the ode_error bar (10.5 % rise from 4 to 32 steps),
-    "recentred" meets it (1.6 %) (README, "Policy lag and quality")"""
+    "recentred" meets it (1.6 %) (docs/policy-lag.md)"""
     buffer_capacity: int = 2
     """steps of rollouts the replay buffer may hold; rollouts wait (never dropped) when it is full"""
     zero_stage: int = 2
