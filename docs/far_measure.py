@@ -80,7 +80,6 @@ def coarse_init_scale():
     on smooth latents (bilinear upsampling of 4x4 noise to 16x16) and on white noise."""
     torch.manual_seed(0)
     fine = torch.nn.Conv3d(4, 64, (1, 2, 2), (1, 2, 2), bias=False)
-    ours = F.conv3d  # weights below
     w_ours = far.coarse_patch_weight(fine.weight.data, (1, 4, 4))
     w_diff = F.interpolate(fine.weight.data.view(-1, 1, 1, 2, 2), size=(1, 4, 4), mode="trilinear",
                            align_corners=False).view(64, 4, 1, 4, 4)
@@ -91,7 +90,7 @@ def coarse_init_scale():
     res = {}
     for name, x in (("smooth", smooth), ("white", white)):
         f_rms = fine(x).pow(2).mean().sqrt()
-        res[name] = {k: round(float(ours(x, w, stride=(1, 4, 4)).pow(2).mean().sqrt() / f_rms), 3)
+        res[name] = {k: round(float(F.conv3d(x, w, stride=(1, 4, 4)).pow(2).mean().sqrt() / f_rms), 3)
                      for k, w in (("ours", w_ours), ("diffusers_trilinear", w_diff))}
     return res
 
