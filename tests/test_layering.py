@@ -40,7 +40,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_flowmap_and_data_import_without_ray_mlflow_deepspeed():
     mods = ["pipeline.flowmap." + m for m in ("schedule", "models", "losses", "simulate", "oracle", "draws", "optim",
-                                              "lora")]
+                                              "lora", "far")]
     mods += ["pipeline.data.schema", "pipeline.data.toy", "pipeline.evaluate", "pipeline.reference", "pipeline.config",
              "pipeline.steps", "pipeline.guard", "pipeline.metrics"]
     # LoRA's peft and accelerate are imported when adapters are added and merged: that must not pull them in
