@@ -30,7 +30,7 @@ import torch
 from diffusers import AnyFlowTransformer3DModel
 
 from actors import trajectory as T
-from pipeline import reference
+from pipeline import reference, weightsync
 from pipeline.config import Config
 from pipeline.flowmap import lora
 from pipeline.flowmap.models import StudentFn
@@ -95,7 +95,12 @@ class WeightFollower:
     """Mixin of the rollout and scorer actors: one network kept at the WeightStore's newest version
     (`slot` 0: the student, 1: the critic; the whole state, or only its adapters if it has LoRA
     adapters), and whether Ray restarted the actor (reported by the role when `reports_restart`:
-    an actor that holds two roles reports its restart through one of them only)."""
+    an actor that holds two roles reports its restart through one of them only).
+
+    A version arrives as byte buckets (`pipeline.weightsync.Packed`) whose `ray.get` is a view of
+    shared memory: on the CPU the whole-state weights *become* those views (no copy; the follower
+    never writes its weights, and it keeps the version's object alive until the next load releases
+    it), on a GPU they are copied in; adapters are always copied in."""
 
     def _follow(self, model: torch.nn.Module, slot: int, reports_restart: bool = True) -> None:
         self._followed, self._slot = model, slot
@@ -108,13 +113,22 @@ class WeightFollower:
         t0 = time.perf_counter()
         version, refs = ray.get(self.store.latest.remote())
         if version != self.version:  # newer, or older after a learner restart rewound the store
-            state = ray.get(refs[self._slot])
+            version, packed = self._fetch(version, refs)
             if self._adapters_only:
-                lora.load_adapter_state_dict(self._followed, state)
+                lora.load_adapter_state_dict(self._followed, weightsync.unpack(packed))
             else:
-                self._followed.load_state_dict(state)
+                weightsync.load_into(self._followed, packed)
             self.version = version
         return time.perf_counter() - t0
+
+    def _fetch(self, version: int, refs: list) -> tuple[int, weightsync.Packed]:
+        """(version, its packed state for our slot); if the learner that published it died (its objects
+        are lost), the version its restarted group republishes."""
+        while True:
+            try:
+                return version, ray.get(refs[self._slot])
+            except ray.exceptions.ObjectLostError:
+                version, refs = ray.get(self.store.latest_after.remote(refs))
 
     def _restarted(self) -> int:
         """1 on the first call after Ray restarted this actor (it died and was made again), else 0."""

@@ -5,9 +5,16 @@ driver publishes). Learner rank 0 publishes version `step + 1` after each step; 
 scorer actors pull the newest version before their next call; the driver waits on
 `wait_for(i - max_policy_lag)` before it starts the rollouts of step `i` (the lag bound).
 
-The store `ray.put()`s every state dict itself, so it owns the copies it hands out: a
-learner that dies cannot take published weights with it. Only the newest `keep` versions
-are held; an actor that still borrows an older one keeps it alive until it lets go.
+A version is two objects in the object store, the student's and the critic's state packed
+into byte buckets (`pipeline.weightsync.Packed`: a few flat numpy buffers and an index, no
+pickled tensor), so a follower's `ray.get` is a zero-copy view of shared memory. Learner rank 0
+packs and `ray.put()`s them itself (one copy) and hands the store `[ref]` lists; the store never
+touches the bytes. Those objects are the learner's: if it dies they are lost, and followers wait
+(`latest_after`) for the restarted learner group's rewind, which republishes. Plain state dicts
+(tests, tools) are packed and put by the store itself. Only the newest `keep` versions are held
+(default 1: a follower that took the refs of an older one borrows them, which keeps that
+version alive until it lets go, so nothing older is needed); an older version is freed as soon
+as no follower holds it.
 
 A plain class; `ray.remote` is applied where it is launched (pipeline/onpolicy.py). Its
 methods are coroutines so `wait_for` can block callers without blocking the store.
@@ -20,9 +27,11 @@ import time
 
 import ray
 
+from pipeline import weightsync
+
 
 class WeightStore:
-    def __init__(self, keep: int = 2):
+    def __init__(self, keep: int = 1):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.keep = keep
@@ -42,21 +51,23 @@ class WeightStore:
             self._changed = asyncio.Condition()
         return self._changed
 
-    async def publish(self, version: int, student_state: dict, critic_state: dict,
-                      figures: dict | None = None, rewind: bool = False) -> None:
+    async def publish(self, version: int, student_state: dict | list, critic_state: dict | list,
+                      figures: dict | None = None, rewind: bool = False, nbytes: int | None = None) -> None:
         """Hold version `version` (must be newer than the last); `figures` are those of step `version - 1`.
+        Each state is `[ref]` to a `weightsync.Packed` already in the object store (the learner's way;
+        `nbytes`: their tensor bytes) or a plain state dict, which the store packs and puts itself.
         `rewind`: a restarted learner group goes back to `version`; newer versions are forgotten."""
         if version <= self._version and not rewind:
             raise ValueError(f"version {version} is not newer than the held version {self._version}")
         for newer in [v for v in self._refs if v >= version]:
             del self._refs[newer]
         t0 = time.perf_counter()
-        self._refs[version] = [ray.put(student_state), ray.put(critic_state)]
+        refs, sizes = zip(*(self._held(s) for s in (student_state, critic_state)))
+        self._refs[version] = list(refs)
         self._put_seconds = time.perf_counter() - t0
         self._put_seconds_total += self._put_seconds
         self._published_at[version] = time.time()
-        self._bytes_per_version = sum(t.numel() * t.element_size() for s in (student_state, critic_state)
-                                      for t in s.values())
+        self._bytes_per_version = nbytes if nbytes is not None else sum(sizes)
         for old in sorted(self._refs)[:-self.keep]:
             del self._refs[old]
         self._version = version
@@ -64,6 +75,14 @@ class WeightStore:
             self._figures[version - 1] = figures
         async with self._cond():
             self._cond().notify_all()
+
+    @staticmethod
+    def _held(state: dict | list) -> tuple[ray.ObjectRef, int]:
+        """(ref to the packed state, its tensor bytes; 0 when only the publisher knows them)."""
+        if isinstance(state, list):
+            return state[0], 0
+        packed = weightsync.pack(state)
+        return ray.put(packed), packed.nbytes
 
     async def report(self, step: int, figures: dict) -> None:
         """The learners' figures of step `step` (losses, times), kept for `figures_since`."""
@@ -73,6 +92,13 @@ class WeightStore:
         """(newest version, [student state ref, critic state ref]); the refs come back unresolved."""
         if self._version < 0:
             raise RuntimeError("no weights published yet")
+        return self._version, list(self._refs[self._version])
+
+    async def latest_after(self, stale: list) -> tuple[int, list[ray.ObjectRef]]:
+        """`latest()` once its refs are not `stale` any more: a follower whose `ray.get` found the objects
+        lost (their publisher, a learner, died) waits here for the restarted learners' republish."""
+        async with self._cond():
+            await self._cond().wait_for(lambda: self._version >= 0 and self._refs[self._version] != list(stale))
         return self._version, list(self._refs[self._version])
 
     async def version(self) -> int:
@@ -98,8 +124,8 @@ class WeightStore:
         return self._result
 
     async def stats(self) -> dict:
-        """Newest and held versions, the last publish's `ray.put` seconds and bytes (student + critic
-        tensors), the total put seconds, and when each version was published (wall clock)."""
+        """Newest and held versions, the last publish's seconds in the store (packing and `ray.put` when it
+        was given state dicts, else ~0) and bytes (student + critic tensors), their total, and when each version was published (wall clock)."""
         return {"version": self._version, "held_versions": sorted(self._refs), "put_seconds": self._put_seconds,
                 "bytes_per_version": self._bytes_per_version, "put_seconds_total": self._put_seconds_total,
                 "publishes": len(self._published_at), "published_at": dict(self._published_at)}

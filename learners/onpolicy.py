@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from actors import trajectory as T
 from actors.rollout import draws_to
-from pipeline import reference
+from pipeline import reference, weightsync
 from pipeline.config import Config
 from pipeline.data.schema import LatentDataset, batch_to_tensors, read_meta, shard_paths
 from pipeline.flowmap import lora, losses
@@ -232,25 +232,30 @@ class OnPolicyLearner:
                 M.POLICY_DRIFT: float((drift[0] / drift[1].clamp_min(1e-30)).sqrt()), M.WAIT_SECONDS: t1 - t_wait,
                 M.LEARNER_SECONDS: time.perf_counter() - t0 - (t1 - t_wait), **guard_figures}
 
-    def _synced(self, engine) -> dict | None:
-        """What a version carries of `engine` (rank 0; None elsewhere): its adapters with LoRA, else its
-        whole state. A collective under ZeRO-3 (only the trained parameters are gathered)."""
+    def _synced(self, engine) -> weightsync.Packed | None:
+        """What a version carries of `engine`, packed into byte buckets (rank 0; None elsewhere): its
+        adapters with LoRA, else its whole state. Packing is the one copy the learner makes (on a GPU,
+        into device buckets, then one device-to-host copy per bucket). A collective under ZeRO-3
+        (only the trained parameters are gathered)."""
         with self._ds.full_params(engine, self.zero):
             if self.rank != 0:
                 return None
-            return lora.adapter_state_dict(engine.module) if self.lora else self._ds.state_dict_of(engine)
+            return weightsync.pack(lora.adapter_parameters(engine.module) if self.lora else engine.module.state_dict())
 
     def publish(self, version: int, rewind: bool = False) -> float:
         """Version `version` to the WeightStore (every rank joins the gathers, rank 0 sends); the seconds
-        the learner spent. The store's `ray.put` runs while the learner goes on with the next step
-        (actor calls from one caller run in order, and the driver waits on the store for the version
-        it needs); the previous publish's outcome is checked here, so an error still surfaces."""
+        the learner spent. Rank 0 `ray.put()`s the packed buckets itself (one copy into shared memory,
+        no pickled tensor) and hands the store their refs, so no process holds a second copy; the
+        store's call is not waited for (the driver waits on the store for the version it needs), but
+        the previous publish's outcome is checked here, so an error still surfaces."""
         t0 = time.perf_counter()
         student, critic = self._synced(self.student), self._synced(self.critic)
         if self.rank == 0:
             if self._publishing is not None:
                 ray.get(self._publishing)
-            self._publishing = self.store.publish.remote(version, student, critic, rewind=rewind)
+            refs = [ray.put(student)], [ray.put(critic)]
+            self._publishing = self.store.publish.remote(version, *refs, rewind=rewind,
+                                                         nbytes=student.nbytes + critic.nbytes)
             if rewind:
                 ray.get(self._publishing)
         return time.perf_counter() - t0

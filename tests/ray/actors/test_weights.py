@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from actors.weights import WeightStore
+from pipeline.weightsync import unpack
 
 pytestmark = pytest.mark.ray
 
@@ -19,7 +20,7 @@ def test_latest_is_the_newest_version_and_only_the_newest_few_are_kept(ray_clust
         ray.get(store.publish.remote(v, _state(v), _state(-v)))
     version, refs = ray.get(store.latest.remote())
     assert version == 3 and all(isinstance(r, ray.ObjectRef) for r in refs)
-    assert ray.get(refs[0])["w"][0, 0] == 3 and ray.get(refs[1])["w"][0, 0] == -3
+    assert unpack(ray.get(refs[0]))["w"][0, 0] == 3 and unpack(ray.get(refs[1]))["w"][0, 0] == -3
     assert ray.get(store.stats.remote())["held_versions"] == [2, 3]
     with pytest.raises(ray.exceptions.RayTaskError, match="not newer"):
         ray.get(store.publish.remote(3, _state(0), _state(0)))
