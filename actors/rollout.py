@@ -111,9 +111,9 @@ class WeightFollower:
     def pull(self) -> float:
         """Load the newest version if it is not the one we hold; returns the seconds spent."""
         t0 = time.perf_counter()
-        version, refs = ray.get(self.store.latest.remote())
+        version, held = ray.get(self.store.latest.remote())
         if version != self.version:  # newer, or older after a learner restart rewound the store
-            version, packed = self._fetch(version, refs)
+            version, packed = self._fetch(version, held)
             if self._adapters_only:
                 lora.load_adapter_state_dict(self._followed, weightsync.unpack(packed))
             else:
@@ -121,14 +121,14 @@ class WeightFollower:
             self.version = version
         return time.perf_counter() - t0
 
-    def _fetch(self, version: int, refs: list) -> tuple[int, weightsync.Packed]:
-        """(version, its packed state for our slot); if the learner that published it died (its objects
-        are lost), the version its restarted group republishes."""
+    def _fetch(self, version: int, held: list) -> tuple[int, weightsync.Packed]:
+        """(version, its packed state for our slot, buckets resolved); if the learner that published it
+        died (its objects are lost), the version its restarted group republishes."""
         while True:
             try:
-                return version, ray.get(refs[self._slot])
+                return version, held[self._slot].with_buckets(ray.get(held[self._slot].buckets))
             except ray.exceptions.ObjectLostError:
-                version, refs = ray.get(self.store.latest_after.remote(refs))
+                version, held = ray.get(self.store.latest_after.remote(held))
 
     def _restarted(self) -> int:
         """1 on the first call after Ray restarted this actor (it died and was made again), else 0."""

@@ -233,29 +233,28 @@ class OnPolicyLearner:
                 M.LEARNER_SECONDS: time.perf_counter() - t0 - (t1 - t_wait), **guard_figures}
 
     def _synced(self, engine) -> weightsync.Packed | None:
-        """What a version carries of `engine`, packed into byte buckets (rank 0; None elsewhere): its
-        adapters with LoRA, else its whole state. Packing is the one copy the learner makes (on a GPU,
-        into device buckets, then one device-to-host copy per bucket). A collective under ZeRO-3
-        (only the trained parameters are gathered)."""
+        """What a version carries of `engine`, packed into byte buckets that are put in the object store
+        one by one as they fill (rank 0; None elsewhere): its adapters with LoRA, else its whole state.
+        Packing is the one copy the learner makes (on a GPU, into a device bucket, then one
+        device-to-host copy per bucket), and `ray.put` writes each bucket once into shared memory (no
+        pickled tensor). A collective under ZeRO-3 (only the trained parameters are gathered)."""
         with self._ds.full_params(engine, self.zero):
             if self.rank != 0:
                 return None
-            return weightsync.pack(lora.adapter_parameters(engine.module) if self.lora else engine.module.state_dict())
+            state = lora.adapter_parameters(engine.module) if self.lora else engine.module.state_dict()
+            return weightsync.pack(state, sink=ray.put)
 
     def publish(self, version: int, rewind: bool = False) -> float:
         """Version `version` to the WeightStore (every rank joins the gathers, rank 0 sends); the seconds
-        the learner spent. Rank 0 `ray.put()`s the packed buckets itself (one copy into shared memory,
-        no pickled tensor) and hands the store their refs, so no process holds a second copy; the
-        store's call is not waited for (the driver waits on the store for the version it needs), but
+        the learner spent. Rank 0 puts the packed buckets itself (`_synced`) and hands the store the
+        small index with their refs, so no process holds a second copy; the store's call is not waited for (the driver waits on the store for the version it needs), but
         the previous publish's outcome is checked here, so an error still surfaces."""
         t0 = time.perf_counter()
         student, critic = self._synced(self.student), self._synced(self.critic)
         if self.rank == 0:
             if self._publishing is not None:
                 ray.get(self._publishing)
-            refs = [ray.put(student)], [ray.put(critic)]
-            self._publishing = self.store.publish.remote(version, *refs, rewind=rewind,
-                                                         nbytes=student.nbytes + critic.nbytes)
+            self._publishing = self.store.publish.remote(version, student, critic, rewind=rewind)
             if rewind:
                 ray.get(self._publishing)
         return time.perf_counter() - t0

@@ -1,7 +1,8 @@
 """Weight sync buckets: a state dict flattened into a few large byte buffers and a small index.
 
     pack(state)   -> Packed(index, buckets)   one copy of the bytes (on the tensors' device, then one
-                                              device-to-host copy per bucket for a GPU state)
+                                              device-to-host copy per bucket for a GPU state);
+    pack(state, sink=ray.put)                 each bucket put as soon as it is full: Packed(index, refs)
     unpack(p)     -> {name: tensor view}      no copy: each tensor is a view into its bucket
     load_into(model, p)                       copy_ into the model, or (CPU, same dtype and shape) make
                                               the views its parameters (no copy at all)
@@ -9,8 +10,8 @@
 A bucket is a flat `uint8` numpy array (tensors of one dtype, laid out one after another at
 64-byte aligned offsets); the index says, per tensor, (name, dtype, shape, bucket, offset). The
 bytes are carried raw, so every dtype (bf16 too, which numpy lacks) arrives bit-exact. Ray
-serialises numpy arrays out of band: `ray.put(packed)` writes the buckets once into the object
-store without pickling a tensor, and `ray.get` in another process returns the buckets as
+serialises numpy arrays out of band: `ray.put(bucket)` writes a bucket once into the object
+store without pickling a tensor (one object per bucket, a few per state), and `ray.get` in another process returns the buckets as
 read-only views of the shared memory (zero copy). The same buckets travel by NCCL broadcast
 between GPUs (`NcclBroadcast`), one collective per bucket.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -50,16 +52,23 @@ class Packed:
 
     index: list[Entry]
     buckets: list = field(default_factory=list)
-    """flat uint8 numpy arrays (CPU), or uint8 torch tensors on a GPU before they are sent"""
+    """flat uint8 numpy arrays (CPU), uint8 torch tensors on a GPU before they are sent, or the
+    object refs of numpy buckets put in Ray's object store (one object per bucket)"""
 
     @property
     def nbytes(self) -> int:
         """Bytes of the tensors themselves (without the alignment padding)."""
         return sum(e.nbytes for e in self.index)
 
+    def with_buckets(self, buckets: list) -> Packed:
+        """The same index over other buckets (e.g. the arrays `ray.get` returns for the refs held here)."""
+        if len(buckets) != len(self.buckets):
+            raise ValueError(f"{len(buckets)} buckets for an index of {len(self.buckets)}")
+        return Packed(self.index, list(buckets))
+
     def layout(self) -> Packed:
         """The index and the bucket sizes only (what a broadcast receiver needs to allocate)."""
-        return Packed(self.index, [int(len(b)) for b in self.buckets])
+        return Packed(self.index, [int(b.numel()) if torch.is_tensor(b) else int(len(b)) for b in self.buckets])
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -96,27 +105,34 @@ def _bytes_of(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pack(state: dict[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES, to_numpy: bool = True) -> Packed:
-    """`state` as byte buckets: one copy of every tensor into its bucket, on the tensors' device; with
-    `to_numpy` the buckets end as CPU numpy arrays (one device-to-host copy per bucket from a GPU),
-    else as uint8 tensors on that device (what a broadcast sends)."""
+def pack(state: dict[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES, to_numpy: bool = True,
+         sink: Callable | None = None) -> Packed:
+    """`state` as byte buckets: one copy of every tensor into its bucket, made on the tensors' device;
+    with `to_numpy` each bucket ends as a CPU numpy array (one device-to-host copy per bucket from a
+    GPU), else as a uint8 tensor on that device (what a broadcast sends). Buckets are filled one at a
+    time and each is handed to `sink` as soon as it is full (e.g. `ray.put`: the Packed then holds the
+    refs, and at most one bucket of extra memory exists at once)."""
     if not state:
         return Packed([], [])
     device = next(iter(state.values())).device
     if any(t.device != device for t in state.values()):
         raise ValueError(f"pack: every tensor must be on one device, got {sorted({str(t.device) for t in state.values()})}")
     index, sizes = plan(state, bucket_bytes)
-    on_cpu = device.type == "cpu" and to_numpy
-    if on_cpu:  # numpy-owned memory, so Ray serialises the buckets out of band
-        buckets = [np.empty(n, dtype=np.uint8) for n in sizes]
-        flats = [torch.from_numpy(b) for b in buckets]
-    else:
-        flats = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
+    entries: list[list[Entry]] = [[] for _ in sizes]
     for e in index:
-        flats[e.bucket][e.offset:e.offset + e.nbytes].copy_(_bytes_of(state[e.name]))
-    if on_cpu:
-        return Packed(index, buckets)
-    return Packed(index, [f.cpu().numpy() for f in flats] if to_numpy else flats)
+        entries[e.bucket].append(e)
+    buckets = []
+    for size, members in zip(sizes, entries):
+        in_numpy = device.type == "cpu" and to_numpy  # numpy-owned memory: Ray serialises it out of band
+        bucket = np.empty(size, dtype=np.uint8) if in_numpy else None
+        flat = torch.from_numpy(bucket) if in_numpy else torch.empty(size, dtype=torch.uint8, device=device)
+        for e in members:
+            flat[e.offset:e.offset + e.nbytes].copy_(_bytes_of(state[e.name]))
+        if not in_numpy:
+            bucket = flat.cpu().numpy() if to_numpy else flat
+        buckets.append(bucket if sink is None else sink(bucket))
+        del bucket, flat
+    return Packed(index, buckets)
 
 
 def unpack(packed: Packed, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
