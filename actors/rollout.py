@@ -130,6 +130,24 @@ class WeightFollower:
             except ray.exceptions.ObjectLostError:
                 version, held = ray.get(self.store.latest_after.remote(held))
 
+    def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join the NCCL weight-sync group of learner rank 0 (`weightsync.NcclBroadcast`, GPUs only)."""
+        self._group = weightsync.NcclBroadcast(host, port, rank, world_size, self._device_of())
+
+    def receive_broadcast(self, version: int, layouts: list) -> None:
+        """Take part in the broadcast of version `version` (layouts of [student, critic], in the sender's
+        order) and load our network's buckets as they arrive; the other network's bytes are dropped."""
+        targets = [None, None]
+        if self._adapters_only:
+            targets[self._slot] = lora.adapter_parameters(self._followed)
+        else:
+            targets[self._slot] = self._followed.state_dict(keep_vars=True)
+        self._group.recv(layouts, targets)
+        self.version = version
+
+    def _device_of(self) -> torch.device:
+        return next(self._followed.parameters()).device
+
     def _restarted(self) -> int:
         """1 on the first call after Ray restarted this actor (it died and was made again), else 0."""
         was, self._reconstructed = self._reconstructed, False

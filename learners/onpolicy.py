@@ -241,8 +241,7 @@ class OnPolicyLearner:
         with self._ds.full_params(engine, self.zero):
             if self.rank != 0:
                 return None
-            state = lora.adapter_parameters(engine.module) if self.lora else engine.module.state_dict()
-            return weightsync.pack(state, sink=ray.put)
+            return weightsync.pack(self._synced_state(engine), sink=ray.put)
 
     def publish(self, version: int, rewind: bool = False) -> float:
         """Version `version` to the WeightStore (every rank joins the gathers, rank 0 sends); the seconds
@@ -258,6 +257,33 @@ class OnPolicyLearner:
             if rewind:
                 ray.get(self._publishing)
         return time.perf_counter() - t0
+
+    def open_broadcast(self, host: str, port: int, world_size: int) -> None:
+        """Rank 0: host the NCCL weight-sync group (`weightsync.NcclBroadcast`) the followers join."""
+        if self.rank == 0:
+            self._group = weightsync.NcclBroadcast(host, port, 0, world_size, self.device)
+
+    def layouts(self) -> list[weightsync.Packed] | None:
+        """[student, critic] index and bucket sizes of a broadcast, what the receivers are handed first
+        (rank 0; None elsewhere; every rank joins, a gather under ZeRO-3)."""
+        out = []
+        for engine in (self.student, self.critic):
+            with self._ds.full_params(engine, self.zero):
+                out.append(weightsync.Packed(*weightsync.plan(self._synced_state(engine))))
+        return out if self.rank == 0 else None
+
+    def broadcast(self) -> float:
+        """Send the student's, then the critic's buckets to the group (every rank joins the gathers under
+        ZeRO-3, rank 0 sends from the gathered weights, one bucket at a time); the seconds spent."""
+        t0 = time.perf_counter()
+        for engine in (self.student, self.critic):
+            with self._ds.full_params(engine, self.zero):
+                if self.rank == 0:
+                    weightsync.pack(self._synced_state(engine), to_numpy=False, sink=self._group.send)
+        return time.perf_counter() - t0
+
+    def _synced_state(self, engine) -> dict:
+        return lora.adapter_parameters(engine.module) if self.lora else engine.module.state_dict()
 
     def report(self, step: int, figures: dict) -> None:
         """The step's figures to the WeightStore, for the driver's log (rank 0; not waited for)."""

@@ -69,8 +69,11 @@ def meta_networks(size: str | dict, dtype: torch.dtype, lora_rank: int = 0) -> t
     from accelerate import init_empty_weights
     from diffusers import AnyFlowTransformer3DModel, WanTransformer3DModel
 
+    from diffusers.utils import logging as diffusers_logging
+
     from pipeline.flowmap import models
 
+    diffusers_logging.set_verbosity_error()  # not its advice on keeping norms in float32: every tensor is synced
     arch = models.arch_config(size)
     with init_empty_weights():
         nets = (AnyFlowTransformer3DModel(**models.student_arch(arch)), WanTransformer3DModel(**arch))
@@ -335,6 +338,21 @@ def needed_memory(size, dtype: torch.dtype) -> tuple[int, int]:
     return nbytes, 2 * nbytes + BUCKET_BYTES + 256 * 2**20
 
 
+def _start_ray(ray, store_bytes: int, tries: int = 3) -> None:
+    """A local Ray of 2 CPUs with an object store of `store_bytes`; on a loaded machine its start can time
+    out (the raylet waits 30 s for its agents), so it is tried again."""
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     configure_logging=False, log_to_driver=False, object_store_memory=store_bytes)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on a start-up timeout
+            if attempt == tries or "timed out during startup" not in str(e):
+                raise
+            _say(f"Ray did not start ({e}); trying again ({attempt}/{tries})")
+            ray.shutdown()
+
+
 def bench(args: argparse.Namespace) -> dict:
     import psutil
     import ray
@@ -346,8 +364,7 @@ def bench(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: --size {args.size} needs about {need / 2**30:.1f} GiB available, the machine has "
                          f"{psutil.virtual_memory().available / 2**30:.1f} GiB (wait, pick a smaller --size, or --force)")
     _say(f"starting Ray with a {store_bytes / 2**30:.2f} GiB object store")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False, object_store_memory=store_bytes)
+    _start_ray(ray, store_bytes)
     poller = TreeMemoryPoller()
     poller.start()
     try:

@@ -149,6 +149,11 @@ def unpack(packed: Packed, device: torch.device | str | None = None) -> dict[str
             for e in packed.index}
 
 
+def transport_for(learner_gpus: float, follower_gpus: list[float]) -> str:
+    """`nccl` when the learners and every follower pool (rollout, scorer) run on GPUs, else `object_store`."""
+    return "nccl" if learner_gpus > 0 and follower_gpus and all(g > 0 for g in follower_gpus) else "object_store"
+
+
 def nbytes_of(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
@@ -189,15 +194,27 @@ def _replace(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
+@torch.no_grad()
+def load_bucket(targets: dict[str, torch.Tensor], layout: Packed, bucket: int, flat: torch.Tensor) -> None:
+    """Copy the tensors of bucket `bucket` (its bytes in `flat`, on any device) into `targets` (a model's
+    `state_dict(keep_vars=True)`, or adapters): a broadcast receiver loads each bucket as it arrives."""
+    for e in layout.index:
+        if e.bucket == bucket:
+            targets[e.name].copy_(flat[e.offset:e.offset + e.nbytes].view(_dtype(e.dtype)).view(e.shape))
+
+
 class NcclBroadcast:
-    """One process group over NCCL for the weight sync: rank 0 (learner rank 0) sends packed buckets,
-    ranks 1.. (rollout and scorer actors, one GPU each) receive them; one broadcast per bucket.
+    """One process group over NCCL for the weight sync: rank 0 (learner rank 0) sends the buckets of
+    the student and the critic, ranks 1.. (the rollout and scorer actors, one GPU each) receive every
+    bucket; one broadcast per bucket, streamed (the sender packs a bucket, sends it, reuses the memory;
+    a receiver loads each bucket into its network as it arrives, or drops one of a network it does
+    not follow), so neither side needs more than a bucket of extra GPU memory.
 
     The group is its own (a `ProcessGroupNCCL` on a TCP store that rank 0 hosts at `host:port`), so it
-    lives beside the learners' data-parallel group without joining it. Every member must call
-    `send`/`recv` for the same version with the same layout (the WeightStore hands the receivers the
-    layout). Unrun on this project's CPU machines: tests/ray/test_weightsync_gpu.py and
-    cluster/gpu_check.sh exercise it where GPUs are present."""
+    lives beside the learners' data-parallel group without joining it. Every member must take part in
+    every broadcast, in the same order: the WeightStore hands the receivers the layouts (index and
+    bucket sizes) before rank 0 sends. UNRUN on this project's CPU machines:
+    tests/ray/test_weightsync_gpu.py and cluster/gpu_check.sh exercise it where GPUs are present."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, device: torch.device | str = "cuda",
                  timeout_s: float = 600.0):
@@ -209,9 +226,10 @@ class NcclBroadcast:
             raise ValueError(f"a broadcast group needs a sender and at least one receiver, got world_size={world_size}")
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s))
-        opts = dist.ProcessGroupNCCL.Options()
-        self.group = dist.ProcessGroupNCCL(dist.PrefixStore("weightsync", store), rank, world_size, opts)
+        self.group = dist.ProcessGroupNCCL(dist.PrefixStore("weightsync", store), rank, world_size,
+                                           dist.ProcessGroupNCCL.Options())
         self._store = store  # rank 0 hosts it: keep it alive as long as the group
+        self._scratch = None
 
     def _broadcast(self, flat: torch.Tensor) -> None:
         import torch.distributed as dist
@@ -220,20 +238,26 @@ class NcclBroadcast:
         opts.rootRank = 0
         self.group.broadcast([flat], opts).wait()
 
-    @torch.no_grad()
-    def send(self, packed: Packed) -> None:
-        """Rank 0: broadcast the buckets of a state packed on this GPU (`pack(..., to_numpy=False)`)."""
+    def send(self, flat: torch.Tensor) -> None:
+        """Rank 0: broadcast one bucket (a uint8 tensor on this GPU); use as `pack(..., to_numpy=False,
+        sink=group.send)`."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 of the weight-sync group sends")
-        for flat in packed.buckets:
-            self._broadcast(flat)
-        torch.cuda.synchronize(self.device)
+        self._broadcast(flat)
+        torch.cuda.current_stream(self.device).synchronize()  # the bucket's memory may be reused next
 
-    @torch.no_grad()
-    def recv(self, layout: Packed) -> Packed:
-        """Ranks 1..: receive the buckets of `layout` (from `Packed.layout()`) into fresh GPU buffers."""
-        flats = [torch.empty(int(n), dtype=torch.uint8, device=self.device) for n in layout.buckets]
-        for flat in flats:
-            self._broadcast(flat)
-        torch.cuda.synchronize(self.device)
-        return Packed(layout.index, flats)
+    def recv(self, layouts: list[Packed], targets: list[dict[str, torch.Tensor] | None]) -> None:
+        """Ranks 1..: receive every bucket of `layouts` (one per network, in the sender's order) and load
+        network j's into `targets[j]` (None: a network this member does not follow; its bytes are dropped)."""
+        if self.rank == 0:
+            raise RuntimeError("rank 0 of the weight-sync group sends, it does not receive")
+        largest = max((int(n) for layout in layouts for n in layout.buckets), default=0)
+        if self._scratch is None or self._scratch.numel() < largest:
+            self._scratch = torch.empty(largest, dtype=torch.uint8, device=self.device)
+        for layout, target in zip(layouts, targets):
+            for b, size in enumerate(layout.buckets):
+                flat = self._scratch[:int(size)]
+                self._broadcast(flat)
+                if target is not None:
+                    load_bucket(target, layout, b, flat)
+        torch.cuda.current_stream(self.device).synchronize()
