@@ -419,8 +419,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.lora_ranks = [int(r) for r in args.lora_ranks.split(",") if r.strip()]
     except ValueError:
         p.error(f"--lora-ranks {args.lora_ranks!r}: a comma list of positive integers")
-    if args.repeats < 1 or any(r < 1 for r in args.lora_ranks):
-        p.error("need --repeats >= 1 and LoRA ranks >= 1")
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: need at least 1")
+    if any(r < 1 for r in args.lora_ranks):
+        p.error(f"--lora-ranks {args.lora_ranks}: every rank must be >= 1")
     return args
 
 
