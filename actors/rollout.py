@@ -28,7 +28,7 @@ import ray
 import torch
 from diffusers import AnyFlowTransformer3DModel
 
-from pipeline import steps
+from pipeline import steps, weightsync
 from pipeline.config import Config
 from pipeline.flowmap import lora
 from pipeline.flowmap.models import StudentFn
@@ -76,7 +76,12 @@ class WeightFollower:
     """Mixin of the rollout and scorer actors: one network kept at the WeightStore's newest version
     (`slot` 0: the student, 1: the critic; the whole state, or only its adapters if it has LoRA
     adapters), and whether Ray restarted the actor (reported by the role when `reports_restart`:
-    an actor that holds two roles reports its restart through one of them only)."""
+    an actor that holds two roles reports its restart through one of them only).
+
+    A version arrives as byte buckets (`pipeline.weightsync.Packed`) whose `ray.get` is a view of
+    shared memory: on the CPU the whole-state weights *become* those views (no copy; the follower
+    never writes its weights, and it keeps the version's object alive until the next load releases
+    it), on a GPU they are copied in; adapters are always copied in."""
 
     def _follow(self, model: torch.nn.Module, slot: int, reports_restart: bool = True) -> None:
         self._followed, self._slot = model, slot
@@ -87,15 +92,42 @@ class WeightFollower:
     def pull(self) -> float:
         """Load the newest version if it is not the one we hold; returns the seconds spent."""
         t0 = time.perf_counter()
-        version, refs = ray.get(self.store.latest.remote())
+        version, held = ray.get(self.store.latest.remote())
         if version != self.version:  # newer, or older after a learner restart rewound the store
-            state = ray.get(refs[self._slot])
+            version, packed = self._fetch(version, held)
             if self._adapters_only:
-                lora.load_adapter_state_dict(self._followed, state)
+                lora.load_adapter_state_dict(self._followed, weightsync.unpack(packed))
             else:
-                self._followed.load_state_dict(state)
+                weightsync.load_into(self._followed, packed)
             self.version = version
         return time.perf_counter() - t0
+
+    def _fetch(self, version: int, held: list) -> tuple[int, weightsync.Packed]:
+        """(version, its packed state for our slot, buckets resolved); if the learner that published it
+        died (its objects are lost), the version its restarted group republishes."""
+        while True:
+            try:
+                return version, held[self._slot].with_buckets(ray.get(held[self._slot].buckets))
+            except ray.exceptions.ObjectLostError:
+                version, held = ray.get(self.store.latest_after.remote(held))
+
+    def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join the NCCL weight-sync group of learner rank 0 (`weightsync.NcclBroadcast`, GPUs only)."""
+        self._group = weightsync.NcclBroadcast(host, port, rank, world_size, self._device_of())
+
+    def receive_broadcast(self, version: int, layouts: list) -> None:
+        """Take part in the broadcast of version `version` (layouts of [student, critic], in the sender's
+        order) and load our network's buckets as they arrive; the other network's bytes are dropped."""
+        targets = [None, None]
+        if self._adapters_only:
+            targets[self._slot] = lora.adapter_parameters(self._followed)
+        else:
+            targets[self._slot] = self._followed.state_dict(keep_vars=True)
+        self._group.recv(layouts, targets)
+        self.version = version
+
+    def _device_of(self) -> torch.device:
+        return next(self._followed.parameters()).device
 
     def _restarted(self) -> int:
         """1 on the first call after Ray restarted this actor (it died and was made again), else 0."""

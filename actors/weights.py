@@ -5,9 +5,17 @@ driver publishes). Learner rank 0 publishes version `step + 1` after each step; 
 scorer actors pull the newest version before their next call; the driver waits on
 `wait_for(i - max_policy_lag)` before it starts the rollouts of step `i` (the lag bound).
 
-The store `ray.put()`s every state dict itself, so it owns the copies it hands out: a
-learner that dies cannot take published weights with it. Only the newest `keep` versions
-are held; an actor that still borrows an older one keeps it alive until it lets go.
+A version is the student's and the critic's state packed into byte buckets
+(`pipeline.weightsync.Packed`: an index and the refs of a few flat numpy buffers in the object
+store, no pickled tensor), so a follower's `ray.get` of the buckets is a zero-copy view of shared
+memory. Learner rank 0 packs and `ray.put()`s each bucket itself as soon as it is full (one copy,
+at most one bucket of extra memory) and hands the store the small Packed; the store never
+touches the bytes. Those objects are the learner's: if it dies they are lost, and followers wait
+(`latest_after`) for the restarted learner group's rewind, which republishes. Plain state dicts
+(tests, tools) are packed and put by the store itself. Only the newest `keep` versions are held
+(default 1: a follower that took the refs of an older one borrows them, which keeps that
+version alive until it lets go, so nothing older is needed); an older version is freed as soon
+as no follower holds it.
 
 A plain class; `ray.remote` is applied where it is launched (pipeline/onpolicy.py). Its
 methods are coroutines so `wait_for` can block callers without blocking the store.
@@ -20,13 +28,15 @@ import time
 
 import ray
 
+from pipeline import weightsync
+
 
 class WeightStore:
-    def __init__(self, keep: int = 2):
+    def __init__(self, keep: int = 1):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.keep = keep
-        self._refs: dict[int, list[ray.ObjectRef]] = {}
+        self._refs: dict[int, list[weightsync.Packed]] = {}
         self._version = -1
         self._figures: dict[int, dict] = {}
         self._result: list[ray.ObjectRef] | None = None
@@ -42,21 +52,26 @@ class WeightStore:
             self._changed = asyncio.Condition()
         return self._changed
 
-    async def publish(self, version: int, student_state: dict, critic_state: dict,
-                      figures: dict | None = None, rewind: bool = False) -> None:
+    async def publish(self, version: int, student_state: dict | weightsync.Packed,
+                      critic_state: dict | weightsync.Packed,
+                      figures: dict | None = None, rewind: bool = False, nbytes: int | None = None) -> None:
         """Hold version `version` (must be newer than the last); `figures` are those of step `version - 1`.
+        Each state is a `weightsync.Packed` whose buckets are already in the object store (the learner's
+        way) or a plain state dict, which the store packs and puts itself. `nbytes`: the tensor bytes
+        (default: counted from the index).
         `rewind`: a restarted learner group goes back to `version`; newer versions are forgotten."""
         if version <= self._version and not rewind:
             raise ValueError(f"version {version} is not newer than the held version {self._version}")
         for newer in [v for v in self._refs if v >= version]:
             del self._refs[newer]
         t0 = time.perf_counter()
-        self._refs[version] = [ray.put(student_state), ray.put(critic_state)]
+        held = [s if isinstance(s, weightsync.Packed) else weightsync.pack(s, sink=ray.put)
+                for s in (student_state, critic_state)]
+        self._refs[version] = held
         self._put_seconds = time.perf_counter() - t0
         self._put_seconds_total += self._put_seconds
         self._published_at[version] = time.time()
-        self._bytes_per_version = sum(t.numel() * t.element_size() for s in (student_state, critic_state)
-                                      for t in s.values())
+        self._bytes_per_version = nbytes if nbytes is not None else sum(p.nbytes for p in held)
         for old in sorted(self._refs)[:-self.keep]:
             del self._refs[old]
         self._version = version
@@ -69,10 +84,17 @@ class WeightStore:
         """The learners' figures of step `step` (losses, times), kept for `figures_since`."""
         self._figures[step] = dict(figures)
 
-    async def latest(self) -> tuple[int, list[ray.ObjectRef]]:
-        """(newest version, [student state ref, critic state ref]); the refs come back unresolved."""
+    async def latest(self) -> tuple[int, list[weightsync.Packed]]:
+        """(newest version, [student Packed, critic Packed]); their bucket refs come back unresolved."""
         if self._version < 0:
             raise RuntimeError("no weights published yet")
+        return self._version, list(self._refs[self._version])
+
+    async def latest_after(self, stale: list) -> tuple[int, list[weightsync.Packed]]:
+        """`latest()` once its refs are not `stale` any more: a follower whose `ray.get` found the objects
+        lost (their publisher, a learner, died) waits here for the restarted learners' republish."""
+        async with self._cond():
+            await self._cond().wait_for(lambda: self._version >= 0 and self._refs[self._version] != list(stale))
         return self._version, list(self._refs[self._version])
 
     async def version(self) -> int:
@@ -98,8 +120,8 @@ class WeightStore:
         return self._result
 
     async def stats(self) -> dict:
-        """Newest and held versions, the last publish's `ray.put` seconds and bytes (student + critic
-        tensors), the total put seconds, and when each version was published (wall clock)."""
+        """Newest and held versions, the last publish's seconds in the store (packing and `ray.put` when it
+        was given state dicts, else ~0) and bytes (student + critic tensors), their total, and when each version was published (wall clock)."""
         return {"version": self._version, "held_versions": sorted(self._refs), "put_seconds": self._put_seconds,
                 "bytes_per_version": self._bytes_per_version, "put_seconds_total": self._put_seconds_total,
                 "publishes": len(self._published_at), "published_at": dict(self._published_at)}

@@ -40,7 +40,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from pipeline import steps
+from pipeline import steps, weightsync
 from pipeline.config import Config
 from pipeline.data.schema import LatentDataset, batch_to_tensors, read_meta, shard_paths
 from pipeline.flowmap import lora, losses
@@ -233,19 +233,22 @@ class OnPolicyLearner:
                 M.POLICY_DRIFT: float((drift[0] / drift[1].clamp_min(1e-30)).sqrt()), M.WAIT_SECONDS: t1 - t_wait,
                 M.LEARNER_SECONDS: time.perf_counter() - t0 - (t1 - t_wait), **guard_figures}
 
-    def _synced(self, engine) -> dict | None:
-        """What a version carries of `engine` (rank 0; None elsewhere): its adapters with LoRA, else its
-        whole state. A collective under ZeRO-3 (only the trained parameters are gathered)."""
+    def _synced(self, engine) -> weightsync.Packed | None:
+        """What a version carries of `engine`, packed into byte buckets that are put in the object store
+        one by one as they fill (rank 0; None elsewhere): its adapters with LoRA, else its whole state.
+        Packing is the one copy the learner makes (on a GPU, into a device bucket, then one
+        device-to-host copy per bucket), and `ray.put` writes each bucket once into shared memory (no
+        pickled tensor). A collective under ZeRO-3 (only the trained parameters are gathered)."""
         with self._ds.full_params(engine, self.zero):
             if self.rank != 0:
                 return None
-            return lora.adapter_state_dict(engine.module) if self.lora else self._ds.state_dict_of(engine)
+            return weightsync.pack(self._synced_state(engine), sink=ray.put)
 
     def publish(self, version: int, rewind: bool = False) -> float:
         """Version `version` to the WeightStore (every rank joins the gathers, rank 0 sends); the seconds
-        the learner spent. The store's `ray.put` runs while the learner goes on with the next step
-        (actor calls from one caller run in order, and the driver waits on the store for the version
-        it needs); the previous publish's outcome is checked here, so an error still surfaces."""
+        the learner spent. Rank 0 puts the packed buckets itself (`_synced`) and hands the store the
+        small index with their refs, so no process holds a second copy; the store's call is not waited for (the driver waits on the store for the version it needs), but
+        the previous publish's outcome is checked here, so an error still surfaces."""
         t0 = time.perf_counter()
         student, critic = self._synced(self.student), self._synced(self.critic)
         if self.rank == 0:
@@ -255,6 +258,33 @@ class OnPolicyLearner:
             if rewind:
                 ray.get(self._publishing)
         return time.perf_counter() - t0
+
+    def open_broadcast(self, host: str, port: int, world_size: int) -> None:
+        """Rank 0: host the NCCL weight-sync group (`weightsync.NcclBroadcast`) the followers join."""
+        if self.rank == 0:
+            self._group = weightsync.NcclBroadcast(host, port, 0, world_size, self.device)
+
+    def layouts(self) -> list[weightsync.Packed] | None:
+        """[student, critic] index and bucket sizes of a broadcast, what the receivers are handed first
+        (rank 0; None elsewhere; every rank joins, a gather under ZeRO-3)."""
+        out = []
+        for engine in (self.student, self.critic):
+            with self._ds.full_params(engine, self.zero):
+                out.append(weightsync.Packed(*weightsync.plan(self._synced_state(engine))))
+        return out if self.rank == 0 else None
+
+    def broadcast(self) -> float:
+        """Send the student's, then the critic's buckets to the group (every rank joins the gathers under
+        ZeRO-3, rank 0 sends from the gathered weights, one bucket at a time); the seconds spent."""
+        t0 = time.perf_counter()
+        for engine in (self.student, self.critic):
+            with self._ds.full_params(engine, self.zero):
+                if self.rank == 0:
+                    weightsync.pack(self._synced_state(engine), to_numpy=False, sink=self._group.send)
+        return time.perf_counter() - t0
+
+    def _synced_state(self, engine) -> dict:
+        return lora.adapter_parameters(engine.module) if self.lora else engine.module.state_dict()
 
     def report(self, step: int, figures: dict) -> None:
         """The step's figures to the WeightStore, for the driver's log (rank 0; not waited for)."""

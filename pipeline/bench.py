@@ -446,7 +446,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                             "line of stdout.\n\npipeline: the on-policy stage on Ray (lag 0, 1, 2) against the "
                             "one-process reference, same preset, one process and one local Ray.",
                 epilog="figures of `pipeline`:\n" + figures)
-    p.add_argument("name", metavar="NAME", help=f"benchmark: {', '.join(BENCHES)}")
+    p.add_argument("name", metavar="NAME", help=f"benchmark: {', '.join([*BENCHES, *SEPARATE])} "
+                                                f"(`python -m pipeline.bench NAME --help` for theirs)")
     p.add_argument("--preset", default="toy", help="model and data: toy (the default run's) or tiny (the tests')")
     p.add_argument("--steps", type=int, default=30, help="on-policy steps per run (default 30)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of every run; timing ratios are medians")
@@ -461,7 +462,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "only); 0: every parameter (default)")
     args = p.parse_args(argv)
     if args.name not in BENCHES:
-        p.error(f"unknown benchmark {args.name!r}; choose from: {', '.join(BENCHES)}")
+        p.error(f"unknown benchmark {args.name!r}; choose from: {', '.join([*BENCHES, *SEPARATE])}")
     if args.preset not in PRESETS:
         p.error(f"--preset {args.preset!r}: choose from: {', '.join(PRESETS)}")
     if args.warmup is None:
@@ -473,8 +474,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+SEPARATE = {"weight_sync": "pipeline.bench_weight_sync"}
+"""benchmarks with their own module and command line: NAME -> module (its `main(argv)`)"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SEPARATE:
+        import importlib
+
+        return importlib.import_module(SEPARATE[argv[0]]).main(argv[1:])
+    args = parse_args(argv)
     try:
         figures = BENCHES[args.name](args)
     finally:

@@ -74,7 +74,7 @@ def launch_fleet(cfg: Config, stage: str, student: torch.nn.Module, teacher: tor
     scorer pools."""
     rc = cfg.ray
     prefix = fleet_name(cfg, stage)
-    store = ray.remote(WeightStore).options(num_cpus=0).remote(keep=rc.max_policy_lag + 2)
+    store = ray.remote(WeightStore).options(num_cpus=0).remote()  # the newest version only (see WeightStore)
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(rc.buffer_capacity, rc.learners)
     embeds, teacher_state = ray.put(prompt_embeds), ray.put(teacher.state_dict())
     # with LoRA the rollout actors keep the frozen base student and receive only adapters

@@ -29,9 +29,10 @@ def test_help_lists_every_figure():
         assert name in out.stdout, name
 
 
-@pytest.mark.parametrize("args", [["nope"], ["pipeline", "--preset", "huge"], ["pipeline", "--lora-rank", "-1"]])
+@pytest.mark.parametrize("args", [["nope"], ["pipeline", "--preset", "huge"], ["pipeline", "--lora-rank", "-1"],
+                                  ["weight_sync", "--size", "huge"], ["weight_sync", "--repeats", "0"]])
 def test_an_unknown_name_or_preset_is_one_line_on_stderr_and_status_2(args):
-    out = _bench(*args)
+    out = _bench(*args, timeout=120)  # weight_sync's --size check imports diffusers (slow on a loaded machine)
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and args[-1] in out.stderr, out.stderr
     assert out.stdout == ""
@@ -121,3 +122,30 @@ def test_the_pipeline_bench_on_the_tiny_preset_reports_every_figure_sane(tmp_pat
     assert fig["object_store_capacity_bytes"] == store["buffer_capacity_steps"] * store["bytes_per_step"]
     assert 0 < fig["object_store_peak_bytes"] <= fig["object_store_capacity_bytes"]
     assert store["polls"] > 0 and store["buffer_peak_depth"] <= store["buffer_capacity_steps"]
+
+
+def test_weight_sync_at_the_tiny_size_prints_its_figures_and_the_weights_arrive_bit_exact():
+    """`python -m pipeline.bench weight_sync` on the tiny shape: the JSON contract, bytes against the
+    networks built the ordinary way, and the follower's weights checked against the published ones."""
+    import torch
+
+    from pipeline.flowmap import lora, models
+
+    out = _bench("weight_sync", "--size", "tiny", "--repeats", "2", "--lora-ranks", "2", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fig = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("model_size", "dtype", "bytes", "sync_s", "copy_s", "ratio", "peak_rss_bytes", "lora_bytes",
+                "lora_sync_s", "publish_s", "load_s", "legacy_sync_s"):
+        assert key in fig, key
+    teacher = models.build_teacher("tiny", seed=0).to(torch.bfloat16)
+    student = models.student_from_teacher(teacher)
+    assert fig["model_size"] == "tiny" and fig["dtype"] == "bfloat16" and fig["bit_exact"] is True
+    assert fig["bytes"] == sum(v.numel() * 2 for net in (student, teacher) for v in net.state_dict().values())
+    adapters = sum(v.numel() * 2 for net in (student, teacher)
+                   for v in lora.adapter_parameters(lora.add_adapters(net, lora.LoraSettings(2, 2.0),
+                                                                      torch.Generator().manual_seed(0))).values())
+    assert fig["lora_bytes"] == {"2": adapters}
+    assert fig["ratio"] == pytest.approx(fig["sync_s"] / fig["copy_s"])
+    assert all(math.isfinite(fig[k]) and fig[k] > 0 for k in ("sync_s", "copy_s", "publish_s", "load_s"))
+    assert fig["sync_s"] >= fig["publish_s"] and fig["lora_sync_s"]["2"] > 0
+    assert fig["peak_rss_bytes"] > fig["bytes"]

@@ -19,7 +19,7 @@ PACKAGES = ("pipeline", "actors", "learners", "cluster")
 """the project's top-level packages (pyproject.toml)"""
 
 CORE = ("pipeline.flowmap", "pipeline.data")
-SUPPORT = ("pipeline.config", "pipeline.guard", "pipeline.metrics")
+SUPPORT = ("pipeline.config", "pipeline.guard", "pipeline.metrics", "pipeline.weightsync")
 STEPS = ("pipeline.steps",)
 LAYERS = {
     CORE: CORE,
@@ -42,7 +42,7 @@ def test_flowmap_and_data_import_without_ray_mlflow_deepspeed():
     mods = ["pipeline.flowmap." + m for m in ("schedule", "models", "losses", "simulate", "oracle", "draws", "optim",
                                               "lora", "far")]
     mods += ["pipeline.data.schema", "pipeline.data.toy", "pipeline.evaluate", "pipeline.reference", "pipeline.config",
-             "pipeline.steps", "pipeline.guard", "pipeline.metrics"]
+             "pipeline.steps", "pipeline.guard", "pipeline.metrics", "pipeline.weightsync"]
     # LoRA's peft and accelerate are imported when adapters are added and merged: that must not pull them in
     lora_use = ("from pipeline.flowmap import lora, models\n"
                 "net = models.student_from_teacher(models.build_teacher('tiny', seed=0))\n"
