@@ -199,9 +199,9 @@ def test_the_import_checks_catch_what_they_forbid():
     assert graph["pipeline.steps"] == [("pipeline.flowmap.draws", 1)]
     assert layer_violations(src, graph) == [
         "actors/rollout.py:2: actors.rollout imports learners.session (actors may import only "
-        "pipeline.flowmap, pipeline.data, pipeline.config, pipeline.guard, pipeline.metrics, pipeline.steps, actors)",
+        "pipeline.flowmap, pipeline.data, pipeline.config, pipeline.guard, pipeline.metrics, pipeline.weightsync, pipeline.steps, actors)",
         "learners/session.py:2: learners.session imports pipeline.reference (learners may import only "
-        "pipeline.flowmap, pipeline.data, pipeline.config, pipeline.guard, pipeline.metrics, pipeline.steps, "
+        "pipeline.flowmap, pipeline.data, pipeline.config, pipeline.guard, pipeline.metrics, pipeline.weightsync, pipeline.steps, "
         "learners)"]
     assert import_cycles(src, graph) == [
         "circle: pipeline/a.py:4 pipeline.a imports pipeline.b; pipeline/b.py:1 pipeline.b imports pipeline.a"]
