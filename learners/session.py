@@ -124,9 +124,12 @@ class SupervisedLearner:
     def step(self, step: int) -> dict:
         cfg, c = self.s.cfg, self.c
         t0 = time.perf_counter()
-        fractions = None if self.stage == "teacher" else reference.stage1_fractions(cfg)
+        if self.stage == "teacher":
+            fractions, shift_k, t_mean = None, c.train_shift(cfg.model.shift), c.t_mean
+        else:
+            fractions, shift_k, t_mean = reference.stage1_fractions(cfg), cfg.model.shift, 0.0
         d = draws.data_draws(cfg.run.seed, self.stage, step, c.batch_size, len(self.data.latents),
-                             self.data.latent_shape, cfg.model.shift, cfg.data.cond_dropout, fractions)
+                             self.data.latent_shape, shift_k, cfg.data.cond_dropout, fractions, t_mean)
         d = draws_to(slice_rows(d, *self.rows), self.device)
         x, cond = self.data.batch(d.index, d.drop)
         if self.stage == "teacher":

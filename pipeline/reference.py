@@ -113,9 +113,9 @@ def train_teacher(cfg: Config, data: TrainData, log: Log) -> torch.nn.Module:
     v_fn = VelocityFn(trainee.model)
     for step in range(c.steps):
         t0 = time.perf_counter()
-        # 1. draws: rows, t logit-normal and shifted, noise, prompt dropout
+        # 1. draws: rows, t logit-normal and shifted (the teacher's own training shift), noise, prompt dropout
         d = draws.data_draws(cfg.run.seed, "teacher", step, c.batch_size, len(data.latents), data.latent_shape,
-                             cfg.model.shift, cfg.data.cond_dropout, None)
+                             c.train_shift(cfg.model.shift), cfg.data.cond_dropout, None, c.t_mean)
         x, cond = data.batch(d.index, d.drop)
         # 2. flow matching loss and update
         loss = losses.flow_matching_loss(v_fn, x, cond, d.t, d.eps)
