@@ -70,8 +70,10 @@ class DataConfig:
 class ModelConfig:
     size: str = "toy"
     """architecture preset: tiny, toy, wan2.1-1.3b, wan2.1-14b"""
-    teacher_path: str = ""
-    """diffusers folder of a WanTransformer3DModel teacher; empty: train one in stage 0"""
+    teacher_path: str = "auto"
+    """diffusers folder of a WanTransformer3DModel teacher (stage 0 is then skipped); "auto": the pretrained toy
+    teacher shipped with the package (pipeline/teachers/toy) when model.size is toy and the data is the toy world,
+    which must be the world it was made for; empty, or "auto" with another model or data: stage 0 trains one"""
     shift: float = 3.0
     """timestep shift k applied to every sampled or gridded noise level (Wan uses 5)"""
     init_seed: int = 0

@@ -109,8 +109,9 @@ class ToyWorldConfig:
     shard_rows: int = 512
     """Most rows per Parquet shard."""
     travel: float = 0.4
-    """Distance a moving shape travels over the clip, as a fraction of the frame (+-20 % per clip);
-    below 0.5, so that the wrapped displacement from the first frame to the last stays unambiguous."""
+    """Distance a moving shape travels over the clip, as a fraction of the frame (+-20 % per clip), in
+    (0, 0.83): at most one frame, so a frame-to-frame step stays far below the half frame beyond which a
+    wrapped displacement is ambiguous. The default 0.4 keeps even the first-to-last displacement below it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.travel, bool) or not isinstance(self.travel, (int, float)) \
