@@ -70,8 +70,10 @@ class DataConfig:
 class ModelConfig:
     size: str = "toy"
     """architecture preset: tiny, toy, wan2.1-1.3b, wan2.1-14b"""
-    teacher_path: str = ""
-    """diffusers folder of a WanTransformer3DModel teacher; empty: train one in stage 0"""
+    teacher_path: str = "auto"
+    """diffusers folder of a WanTransformer3DModel teacher (stage 0 is then skipped); "auto": the pretrained toy
+    teacher shipped with the package (pipeline/teachers/toy) when model.size is toy and the data is the toy world,
+    which must be the world it was made for; empty, or "auto" with another model or data: stage 0 trains one"""
     shift: float = 3.0
     """timestep shift k applied to every sampled or gridded noise level (Wan uses 5)"""
     init_seed: int = 0
@@ -106,6 +108,16 @@ class TeacherConfig:
     """global batch"""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup=100, ema=0.995, ema_start=200))
     """optimiser"""
+    shift: float = 0.0
+    """shift of the teacher's training noise levels (0: model.shift, the one every sampler uses); a larger one
+    puts more training draws at high noise, where a sample's layout and motion are decided"""
+    t_mean: float = 0.0
+    """mean of the logit-normal draw of the teacher's training noise levels, before the shift (ALGORITHM.md:
+    0); above 0 more draws land at high noise"""
+
+    def train_shift(self, model_shift: float) -> float:
+        """The shift of the training noise levels: `shift`, or the sampling shift when it is 0."""
+        return self.shift or model_shift
 
 
 @dataclass
@@ -295,6 +307,7 @@ def _validate(cfg: Config) -> None:
     _require(cfg.data.validate in DATA_CHECKS, "data.validate", f"choose from {list(DATA_CHECKS)}")
     _require(cfg.model.size in SIZE_PRESETS, "model.size", f"unknown size; choose from {sorted(SIZE_PRESETS)}")
     _require(cfg.model.shift > 0, "model.shift", "must be > 0")
+    _require(cfg.teacher.shift >= 0, "teacher.shift", "must be >= 0 (0: model.shift)")
     for name in ("teacher", "stage1", "stage2", "consistency"):
         sec = getattr(cfg, name)
         _require(sec.steps >= 0, f"{name}.steps", "must be >= 0")

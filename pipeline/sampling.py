@@ -3,7 +3,8 @@
 Turns trained networks into samplers (teacher: guided Euler; flow-map students: the any-step
 sampler; consistency baseline: consistency sampling), generates from fixed noise and held-out
 prompts, and scores with `pipeline.evaluate` (ode_error against the teacher's high-accuracy ODE
-solution from the same noise, Frechet distance in the fixed feature space).
+solution from the same noise, Frechet distance in the fixed feature space, motion_error against the
+prompts), with the data row beside them (a second sample of the data, scored the same way).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AnyFlowTransformer3DModel, AutoencoderKLWan, FlowMapEulerDiscreteScheduler
 
 from pipeline import evaluate
 from pipeline.config import Config
+from pipeline.data import toy
 from pipeline.data.schema import LatentDataset
 from pipeline.flowmap import draws
 from pipeline.flowmap.models import GuidedFn, StudentFn, VelocityFn
@@ -73,25 +76,43 @@ def evaluate_run(cfg: Config, nets: dict[str, torch.nn.Module], heldout: LatentD
     ref = _batched(lambda z, c: heun_sample(guided, z, c, e.ode_ref_steps, cfg.model.shift), noise, cond,
                    e.batch_size)
     log(f"[eval] teacher ODE reference ({e.ode_ref_steps} Heun steps) in {time.time() - t0:.0f}s")
+    prompts = heldout.prompts[:n]
     data_feats = evaluate.video_features(heldout.latents[:n])
-    metrics: dict[str, dict[str, list[float]]] = {}
+    metrics: dict[str, dict[str, list[float | None]]] = {}
     videos: dict[str, torch.Tensor] = {}
     for name, fn in fns.items():
         t0 = time.time()
-        m = metrics.setdefault(name, {"ode_error": [], "fd": []})
+        m = metrics.setdefault(name, {metric: [] for metric in evaluate.METRICS})
         for steps in e.steps:
             x = _batched(lambda z, c: fn(z, c, steps), noise, cond, e.batch_size)
+            feats = evaluate.video_features(x)
             m["ode_error"].append(evaluate.ode_error(x, ref))
-            m["fd"].append(evaluate.frechet_distance(evaluate.video_features(x), data_feats))
+            m["fd"].append(evaluate.frechet_distance(feats, data_feats))
+            m["motion_error"].append(evaluate.motion_error(feats, prompts))
             if steps in VIDEO_STEPS and e.video_prompts > 0:
                 videos[f"{name}_steps{steps}"] = x[:e.video_prompts]
         log(f"[eval] {name}: {sum(e.steps)} calls per sample in {time.time() - t0:.0f}s")
+    metrics[evaluate.DATA] = evaluate.data_row(len(e.steps), *data_floor(cfg, data_feats, prompts))
     result = evaluate.eval_json(list(e.steps), metrics)
     evaluate.write_eval(run_dir, result)
     if videos:
         videos["data"] = heldout.latents[:e.video_prompts]
         evaluate.write_videos(run_dir / "videos", videos, heldout.prompts[:e.video_prompts])
     return result
+
+
+def data_floor(cfg: Config, heldout_feats: torch.Tensor, prompts: list[str]) -> tuple[float | None, float | None]:
+    """(fd, motion_error) of the data row. The toy world (no `data.path`): a fresh sample of as many
+    clips as the held-out features have rows, sample ids after the train and held-out ones (so
+    disjoint from both), against those features. A dataset from `data.path` has no world to draw
+    from: its held-out clips' even rows against their odd rows (`evaluate.halves_floor`)."""
+    if cfg.data.path:
+        return evaluate.halves_floor(heldout_feats, prompts)
+    world = cfg.data.toy
+    ids = world.num_train + world.num_heldout + np.arange(len(heldout_feats))
+    x, floor_prompts = toy.render_videos(world, ids)
+    feats = evaluate.video_features(x)
+    return evaluate.frechet_distance(feats, heldout_feats), evaluate.motion_error(feats, floor_prompts)
 
 
 def toy_vae(latent_channels: int) -> AutoencoderKLWan:

@@ -26,6 +26,7 @@ from pipeline.flowmap import models
 from pipeline.guard import InputError
 from pipeline.evaluate import format_table
 from pipeline.metrics import MetricsLog
+from pipeline.teachers import StaleTeacherError, check_stamp, teacher_path
 from pipeline.tracking import Tracker, run_artifacts
 
 DONE = "DONE"
@@ -141,21 +142,44 @@ def _save(model: torch.nn.Module, folder: Path) -> None:
     tmp.rename(folder)
 
 
+def _given_teacher(cfg: Config) -> Path | None:
+    """The teacher folder the config names (model.teacher_path; "auto" resolved), or None."""
+    return teacher_path(cfg.model.size, cfg.model.teacher_path, cfg.data.path)
+
+
+def _teacher_what(cfg: Config) -> str:
+    if cfg.model.teacher_path == "auto":
+        return "model.teacher_path=auto (the shipped toy teacher)"
+    return "model.teacher_path"
+
+
 def _source(cfg: Config, run_dir: Path, key: str) -> Path | None:
     """The folder the network `key` is loaded from (the configured teacher folder, or a finished
     stage's folder in the run); None if there is none (it must be trained)."""
-    if key == "teacher" and cfg.model.teacher_path:
-        return Path(cfg.model.teacher_path)
+    if key == "teacher" and _given_teacher(cfg) is not None:
+        return _given_teacher(cfg)
     folder = run_dir / NET_FOLDERS[key]
     return folder if _done(folder) else None
+
+
+def check_teacher_world(cfg: Config) -> None:
+    """A configured teacher that carries a toy-world stamp (the shipped one always does) must have been
+    made for this run's toy world; InputError naming the command that rebuilds it otherwise."""
+    folder = _given_teacher(cfg)
+    if folder is None or cfg.data.path:
+        return
+    try:
+        check_stamp(folder, cfg.data.toy, cfg.model.size, required=cfg.model.teacher_path == "auto")
+    except StaleTeacherError as exc:
+        raise InputError(f"{_teacher_what(cfg)}: {exc}") from None
 
 
 def _load_checked(cfg: Config, run_dir: Path, key: str) -> torch.nn.Module:
     """Load the network `key` from its `_source`; any problem is an InputError naming the folder."""
     folder = _source(cfg, run_dir, key)
     expect = "WanTransformer3DModel" if key == "teacher" else "AnyFlowTransformer3DModel"
-    if key == "teacher" and cfg.model.teacher_path:
-        what, fix = "model.teacher_path", ""
+    if key == "teacher" and _given_teacher(cfg) is not None:
+        what, fix = _teacher_what(cfg), ""
     else:
         what, fix = f"the finished {key} model of the run", f" (delete {folder} to train it again)"
     try:
@@ -220,14 +244,18 @@ def preflight(cfg: Config) -> tuple[Path, dict[str, torch.nn.Module]]:
     """Check everything the run will read, before any work: the dataset (`check_dataset`; the toy
     world is made here), that it fits model.size, and every model folder the stages will load
     (the teacher folder, finished stages of the run), which must load as the expected class and
-    fit the dataset. Returns (dataset folder, the loaded networks); raises InputError."""
+    fit the dataset; a stamped teacher (the shipped toy teacher) must be made for this toy world.
+    Returns (dataset folder, the loaded networks); raises InputError."""
     data_dir = prepare_data(cfg)
     meta = read_meta(data_dir)
     check_data_fits_model(cfg, data_dir)
     nets = {}
-    for key in networks_to_load(cfg, cfg.run_dir):
+    to_load = networks_to_load(cfg, cfg.run_dir)
+    if "teacher" in to_load:
+        check_teacher_world(cfg)
+    for key in to_load:
         model = _load_checked(cfg, cfg.run_dir, key)
-        what = ("model.teacher_path" if key == "teacher" and cfg.model.teacher_path
+        what = (_teacher_what(cfg) if key == "teacher" and _given_teacher(cfg) is not None
                 else f"the {key} in {_source(cfg, cfg.run_dir, key)}")
         _fits(f"{what} ({type(model).__name__})", dict(model.config), meta, data_dir)
         nets[key] = model

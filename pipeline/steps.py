@@ -92,9 +92,12 @@ def stage1_fractions(cfg: Config) -> PairFractions:
 def supervised_draws(cfg: Config, stage: str, step: int, num_rows: int, latent_shape) -> draws.DataDraws:
     """The draws of one step of stage 0 (`teacher`: rows, t logit-normal and shifted, noise, prompt dropout)
     or stage 1 (`stage1`: the same with (t, r) pairs partitioned by index), for the whole global batch."""
-    fractions = None if stage == "teacher" else stage1_fractions(cfg)
+    if stage == "teacher":  # the teacher's own training time distribution (teacher.shift, teacher.t_mean)
+        fractions, shift_k, t_mean = None, cfg.teacher.train_shift(cfg.model.shift), cfg.teacher.t_mean
+    else:
+        fractions, shift_k, t_mean = stage1_fractions(cfg), cfg.model.shift, 0.0
     return draws.data_draws(cfg.run.seed, stage, step, getattr(cfg, stage).batch_size, num_rows, latent_shape,
-                            cfg.model.shift, cfg.data.cond_dropout, fractions)
+                            shift_k, cfg.data.cond_dropout, fractions, t_mean)
 
 
 # ----------------------------------------------------------------------------- stage 2

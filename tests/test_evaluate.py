@@ -1,5 +1,5 @@
-"""Evaluation: the Frechet distance against closed forms, the fixed video features, eval.json / eval.png,
-the text table and the sample GIFs."""
+"""Evaluation: the Frechet distance against closed forms, the fixed video features, motion_error, the data
+row, eval.json / eval.png, the text table and the sample GIFs."""
 
 from __future__ import annotations
 
@@ -52,10 +52,13 @@ def toy_clip(prompt: str, sample_id: int = 3) -> torch.Tensor:
 def made_up_result() -> dict:
     s = np.array(STEPS, dtype=float)
     return evaluate.eval_json(STEPS, {
-        "teacher": {"ode_error": list(0.9 / s), "fd": list(40 / s + 0.6)},
-        "student": {"ode_error": list(0.05 / s**0.5), "fd": list(1.5 / s**0.5 + 0.5)},
-        "student_stage1": {"ode_error": list(0.12 / s**0.4), "fd": list(4 / s**0.5 + 0.7)},
-        "consistency": {"ode_error": list(0.06 * (1 + 0.3 * np.log2(s))), "fd": [1.6, 2.2, 2.8, 3.4, None, 4.6]},
+        "teacher": {"ode_error": list(0.9 / s), "fd": list(40 / s + 0.6), "motion_error": list(0.8 / s)},
+        "student": {"ode_error": list(0.05 / s**0.5), "fd": list(1.5 / s**0.5 + 0.5), "motion_error": [0.1] * 6},
+        "student_stage1": {"ode_error": list(0.12 / s**0.4), "fd": list(4 / s**0.5 + 0.7),
+                           "motion_error": [0.3] * 6},
+        "consistency": {"ode_error": list(0.06 * (1 + 0.3 * np.log2(s))), "fd": [1.6, 2.2, 2.8, 3.4, None, 4.6],
+                        "motion_error": [0.2] * 6},
+        "data": evaluate.data_row(6, 0.4, 0.0),
     })
 
 
@@ -148,60 +151,71 @@ def test_ode_error_is_the_mean_over_samples_of_the_per_sample_mse():
 
 # --------------------------------------------------------------------------- features
 
+COL = {n: i for i, n in enumerate(evaluate.feature_names(4))}
 
-def test_video_features_are_fixed_and_have_the_documented_columns(monkeypatch):
+
+def _angle(feats: torch.Tensor, axis: str) -> torch.Tensor:
+    """Where the object sits along an axis, as a fraction of the frame: the angle of (pos_*_cos, pos_*_sin)."""
+    return torch.atan2(feats[:, COL[f"pos_{axis}_sin"]], feats[:, COL[f"pos_{axis}_cos"]]) / (2 * np.pi)
+
+
+def test_video_features_are_fixed_and_have_the_documented_columns():
     x, _ = toy.render_videos(CFG, np.arange(16))
     first = evaluate.video_features(x)
-    assert first.shape == (16, 27 + 4) and first.dtype == torch.float64
-    assert len(evaluate.feature_names(4)) == 31
+    assert first.shape == (16, 29 + 4) and first.dtype == torch.float64
+    assert len(evaluate.feature_names(4)) == 33
     evaluate.video_features(torch.randn(3, 5, 16, 8, 8))  # another channel count in between
     evaluate._projections.clear()  # as a fresh process: the projection is rebuilt from the seed
+    evaluate._shift_tables.clear()
     assert torch.equal(evaluate.video_features(x), first)
-    assert torch.equal(evaluate.video_features(x[:5]), first[:5])  # a sample's features ignore the batch
-    monkeypatch.setattr(evaluate, "_CHUNK_ELEMENTS", 3 * x[0].numel())  # chunks of 3 samples
-    assert torch.allclose(evaluate.video_features(x), first, rtol=1e-12, atol=1e-12)
+    for part in (slice(0, 5), slice(5, 9), slice(3, 4), slice(15, 16)):  # a sample's features ignore the batch
+        assert torch.equal(evaluate.video_features(x[part]), first[part]), part
+    assert torch.equal(evaluate.video_features(x.flip(0)), first.flip(0))
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 1, 1, 1), (2, 1, 16, 3, 5), (2, 21, 16, 6, 10), (2, 8, 2, 16, 16)])
 def test_video_features_work_for_any_shape(shape):
     feats = evaluate.video_features(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
-    assert feats.shape == (2, 27 + shape[2]) and torch.isfinite(feats).all()
+    assert feats.shape == (2, 29 + shape[2]) and torch.isfinite(feats).all()
     assert torch.isfinite(evaluate.video_features(torch.zeros(shape))).all()
 
 
-def test_video_features_follow_a_translation():
+def test_video_features_follow_a_translation_on_the_torus():
+    """A shift of the whole clip (wrapped, as the toy world wraps) moves the position and the pooled
+    layout and nothing else, also when it carries the shape across the border."""
     clip = toy_clip("red square standing still")
-    feats = evaluate.video_features(torch.stack([clip, clip.roll(2, dims=-1), clip.roll(-1, dims=-2)]))
-    names = evaluate.feature_names(4)
-    col = {n: i for i, n in enumerate(names)}
-    # 2 px of 16 to the right = 1.25 tenths of the frame; 1 px up = -0.625; nothing else changes
-    assert feats[1, col["pos_x"]] - feats[0, col["pos_x"]] == pytest.approx(1.25, abs=1e-6)
-    assert feats[2, col["pos_y"]] - feats[0, col["pos_y"]] == pytest.approx(-0.625, abs=1e-6)
-    unchanged = [col[n] for n in names if not n.startswith(("pos", "texture"))]
-    assert torch.allclose(feats[1:, unchanged], feats[:1, unchanged].expand(2, -1), atol=1e-6)
-    texture = col["texture_0"]
-    assert not torch.allclose(feats[1, texture:], feats[0, texture:])  # the pooled layout moved too
+    shifted = [clip.roll(2, dims=-1), clip.roll(-1, dims=-2), clip.roll(8, dims=-1), clip.roll((5, 7), dims=(-2, -1))]
+    feats = evaluate.video_features(torch.stack([clip, *shifted]))
+    moved = (_angle(feats[1:], "x") - _angle(feats[:1], "x") + 0.5) % 1 - 0.5
+    assert moved.tolist() == pytest.approx([2 / 16, 0, 8 / 16 - 1, 7 / 16], abs=1e-9)  # 8 px: -1/2 = +1/2
+    moved = (_angle(feats[1:], "y") - _angle(feats[:1], "y") + 0.5) % 1 - 0.5
+    assert moved.tolist() == pytest.approx([0, -1 / 16, 0, 5 / 16], abs=1e-9)
+    radius = [feats[:, COL[f"pos_{a}_cos"]].hypot(feats[:, COL[f"pos_{a}_sin"]]) for a in "xy"]
+    assert torch.allclose(radius[0], radius[0][:1]) and torch.allclose(radius[1], radius[1][:1])
+    unchanged = [COL[n] for n in COL if not n.startswith(("pos", "texture"))]
+    assert torch.allclose(feats[1:, unchanged], feats[:1, unchanged].expand(4, -1), atol=1e-9)
+    assert not torch.allclose(feats[1, COL["texture_0"]:], feats[0, COL["texture_0"]:])  # the layout moved
 
 
 def test_video_features_measure_the_motion_of_the_object():
-    col = {n: i for i, n in enumerate(evaluate.feature_names(4))}
     still = toy_clip("green circle standing still")
     shifts = [0, 1, 1, 2, 2, 3, 3, 4]  # pixels to the right, frame by frame
     moved = torch.stack([frame.roll(s, dims=-1) for frame, s in zip(still, shifts)])
     jumpy = torch.stack([frame.roll(s, dims=-1) for frame, s in zip(still, [0, 3, 0, 3, 0, 3, 0, 3])])
-    feats = evaluate.video_features(torch.stack([still, moved, jumpy]))
+    feats = evaluate.video_features(torch.stack([still, moved, jumpy, moved.roll(8, dims=-1)]))
     t = np.linspace(-0.5, 0.5, 8)
     expected = np.polyfit(t, np.array(shifts) / 16, 1)[0] / evaluate.GEOMETRY_UNIT  # displacement over the clip
-    assert abs(feats[0, col["vel_x"]]) < 1e-6 and abs(feats[0, col["jitter"]]) < 1e-6
-    assert feats[1, col["vel_x"]] == pytest.approx(expected, abs=1e-6)
-    assert abs(feats[1, col["vel_y"]]) < 1e-6
-    assert feats[2, col["jitter"]] > 5 * feats[1, col["jitter"]] > 0
-    assert feats[1, col["change"]] > feats[0, col["change"]] == 0
+    assert abs(feats[0, COL["vel_x"]]) < 1e-9 and abs(feats[0, COL["jitter"]]) < 1e-9
+    assert feats[1, COL["vel_x"]] == pytest.approx(expected, abs=1e-9)
+    assert feats[3, COL["vel_x"]] == pytest.approx(expected, abs=1e-9)  # across the border: the same motion
+    assert abs(feats[1, COL["vel_y"]]) < 1e-9
+    assert feats[2, COL["jitter"]] > 5 * feats[1, COL["jitter"]] > 0
+    assert feats[1, COL["change"]] > feats[0, COL["change"]] == 0
 
     toy_moves = evaluate.video_features(torch.stack([toy_clip(f"green circle moving {d}")
                                                      for d in ("left", "right", "up", "down")]))
-    assert toy_moves[0, col["vel_x"]] < -2 < 2 < toy_moves[1, col["vel_x"]]  # 0.4 of the frame +-20%
-    assert toy_moves[2, col["vel_y"]] < -2 < 2 < toy_moves[3, col["vel_y"]]  # y grows downwards
+    assert toy_moves[0, COL["vel_x"]] < -2 < 2 < toy_moves[1, COL["vel_x"]]  # 0.4 of the frame +-20%
+    assert toy_moves[2, COL["vel_y"]] < -2 < 2 < toy_moves[3, COL["vel_y"]]  # y grows downwards
 
 
 def test_fd_of_toy_features_separates_data_from_damaged_data():
@@ -216,6 +230,126 @@ def test_fd_of_toy_features_separates_data_from_damaged_data():
                           ("frozen", frozen), ("faded", 0.7 * y)]}
     assert fd["same world"] < 1.5, fd
     assert min(fd["noisy"], fd["blurred"], fd["frozen"], fd["faded"]) > 2 * fd["same world"], fd
+
+
+# --------------------------------------------------------------------------- motion
+
+
+def band_limited_shift(frames: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """``frames`` (..., H, W) moved by (dx, dy) pixels on the torus, exactly for a band-limited image:
+    every Fourier bin times exp(-i k.d) (the Nyquist bins, which have no phase to shift, dropped)."""
+    H, W = frames.shape[-2:]
+    ky = 2 * np.pi * torch.fft.fftfreq(H, dtype=torch.float64)[:, None]
+    kx = 2 * np.pi * torch.fft.fftfreq(W, dtype=torch.float64)[None, :]
+    spec = torch.fft.fft2(frames.to(torch.float64))
+    spec[..., H // 2, :] = 0
+    spec[..., :, W // 2] = 0
+    return torch.fft.ifft2(spec * torch.exp(-1j * (kx * dx + ky * dy))).real
+
+
+def test_frame_shifts_find_sub_pixel_shifts_on_the_torus():
+    smooth = torch.nn.functional.avg_pool2d(torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+                                            .repeat(1, 1, 3, 3), 5, 1, 2)[:, :, 16:32, 16:32]  # (C, 1, H, W)
+    steps = [(0.37, -1.62), (-2.5, 0.0), (7.2, 3.9), (0.05, 0.95)]  # the third wraps past the border
+    frames, d = [smooth[:, 0]], np.zeros(2)
+    for dx, dy in steps:
+        d += (dx, dy)
+        frames.append(band_limited_shift(smooth[:, 0], *d))
+    found = evaluate.frame_shifts(torch.stack(frames).numpy())
+    assert found.shape == (4, 2)
+    assert np.abs(found - np.array(steps)).max() < 0.01, found
+
+
+def test_clip_displacement_of_toy_clips_matches_the_prompt_and_ignores_the_batch():
+    x, prompts = toy.render_videos(CFG, np.arange(2048, 2048 + 64))
+    d = evaluate.clip_displacement(x)
+    directions = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
+    for (dx, dy), motion in zip(d.tolist(), evaluate.prompt_motions(prompts)):
+        ux, uy = directions[motion]
+        along, across = dx * ux + dy * uy, abs(dx * uy - dy * ux) if motion != "still" else np.hypot(dx, dy)
+        if motion == "still":
+            assert across < 1e-9
+        else:  # the world's travel, 0.4 of the frame +-20 %, to about 0.01
+            assert 0.8 * CFG.travel - 0.012 < along < 1.2 * CFG.travel + 0.012 and across < 0.012
+    assert torch.equal(evaluate.clip_displacement(x[7:12]), d[7:12])
+    feats = evaluate.video_features(x)
+    assert torch.equal(feats[:, [COL["vel_x"], COL["vel_y"]]], d / evaluate.GEOMETRY_UNIT)
+
+
+def heldout_clips(n: int = 256) -> tuple[torch.Tensor, list[str]]:
+    return toy.render_videos(CFG, toy.split_ids(CFG, "heldout")[:n])
+
+
+def test_motion_error_is_zero_on_the_data_and_one_on_clips_whose_motion_is_wrong():
+    x, prompts = heldout_clips()
+    motions = evaluate.prompt_motions(prompts)
+    moving = torch.tensor([m != "still" for m in motions])
+    length = evaluate.clip_displacement(x).norm(dim=1)
+    # the threshold sits far from the data on both sides: still clips measure 0, moving ones >= 0.8 travel
+    assert length[~moving].max() < 1e-9 and length[moving].min() > 3 * evaluate.MOTION_THRESHOLD
+    assert evaluate.motion_error(evaluate.video_features(x), prompts) == 0.0
+
+    mv, mv_prompts = x[moving], [p for p, m in zip(prompts, moving) if m]
+    reversed_, frozen = mv.flip(1), mv[:, :1].expand_as(mv)
+    turned = mv.transpose(-2, -1)  # x and y swapped: left becomes up, right becomes down
+    for name, clips in (("reversed", reversed_), ("frozen", frozen), ("turned", turned)):
+        assert evaluate.motion_error(evaluate.video_features(clips), mv_prompts) == 1.0, name
+    still, still_prompts = x[~moving], [p for p, m in zip(prompts, moving) if not m]
+    drifting = torch.stack([frame.roll(f // 2, dims=-1) for frame, f in zip(still.unbind(1), range(8))], 1)
+    assert evaluate.motion_error(evaluate.video_features(drifting), still_prompts) == 1.0  # 3.5 px over the clip
+    half = len(mv) // 2
+    mixed = torch.cat([mv[:half], reversed_[half:]])
+    assert evaluate.motion_error(evaluate.video_features(mixed), mv_prompts) == pytest.approx(1 - half / len(mv))
+
+
+def test_motion_error_ignores_the_batch_and_is_none_outside_the_toy_world():
+    x, prompts = heldout_clips(40)
+    damaged = torch.cat([x[:20], x[20:].flip(1)])
+    feats = evaluate.video_features(damaged)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    error = evaluate.motion_error(feats, prompts)
+    assert 0 < error < 1
+    assert evaluate.motion_error(evaluate.video_features(damaged[order]), [prompts[i] for i in order]) == error
+    assert evaluate.motion_error(feats, ["a cat playing piano"] + prompts[1:]) is None
+    assert evaluate.prompt_motions(["Red  Square moving LEFT", "blue bar standing still"]) == ["left", "still"]
+    with pytest.raises(ValueError, match="one prompt per clip"):
+        evaluate.motion_error(feats, prompts[:3])
+
+
+def test_motion_class_names_the_nearest_direction_or_still():
+    d = torch.tensor([[0.0, 0.0], [0.09, 0.03], [-0.3, 0.1], [0.3, 0.1], [0.1, -0.3], [0.05, 0.2]])
+    assert evaluate.motion_class(d) == ["still", "still", "left", "right", "up", "down"]
+
+
+# --------------------------------------------------------------------------- the data row
+
+
+def test_data_row_and_halves_floor():
+    assert evaluate.data_row(3, 1.5, 0.0) == {"ode_error": [None] * 3, "fd": [1.5] * 3, "motion_error": [0.0] * 3}
+    x, prompts = heldout_clips()
+    feats = evaluate.video_features(x)
+    fd, motion = evaluate.halves_floor(feats, prompts)
+    assert fd == pytest.approx(evaluate.frechet_distance(feats[0::2], feats[1::2])) and motion == 0.0
+    assert evaluate.halves_floor(feats[:3], prompts[:3])[0] is None
+    assert evaluate.halves_floor(feats, ["a cat"] * 256)[1] is None
+
+
+def test_the_data_floor_is_a_fresh_sample_of_the_toy_world_or_the_halves_of_a_dataset():
+    from pipeline.config import load_config
+    from pipeline.sampling import data_floor
+
+    cfg = load_config(None, ["data.toy.num_train=64", "data.toy.num_heldout=48"])
+    world = cfg.data.toy
+    x, prompts = toy.render_videos(world, toy.split_ids(world, "heldout"))
+    feats = evaluate.video_features(x)
+    fresh, fresh_prompts = toy.render_videos(world, 64 + 48 + np.arange(48))  # after train and held-out
+    fd, motion = data_floor(cfg, feats, prompts)
+    assert fd == evaluate.frechet_distance(evaluate.video_features(fresh), feats) and motion == 0.0
+    frozen = fresh[:, :1].expand_as(fresh)
+    assert 2 * fd < evaluate.frechet_distance(evaluate.video_features(frozen), feats)  # it measures something
+    cfg.data.path = "/a/real/dataset"  # no world to draw from: the held-out halves
+    assert data_floor(cfg, feats, prompts) == evaluate.halves_floor(feats, prompts)
+    assert data_floor(cfg, feats, ["a cat playing piano"] * 48)[1] is None
 
 
 # --------------------------------------------------------------------------- eval.json, eval.png, table
@@ -270,10 +404,12 @@ def test_format_table_lists_every_model_metric_and_step():
     lines = table.splitlines()
     assert lines[0].split() == ["model", "metric"] + [str(s) for s in STEPS]
     rows = [line.split() for line in lines[2:]]
-    assert [(r[0], r[1]) for r in rows] == [(m, k) for m in ("teacher", "student", "student_stage1", "consistency")
-                                            for k in ("ode_error", "fd")]
+    assert [(r[0], r[1]) for r in rows] == [(m, k) for m in ("teacher", "student", "student_stage1", "consistency",
+                                                             "data")
+                                            for k in ("ode_error", "fd", "motion_error")]
     assert all(len(r) == 2 + len(STEPS) for r in rows)
-    assert rows[0][2:4] == ["0.9", "0.45"] and rows[-1][6] == "-"  # 4 significant digits; None is "-"
+    assert rows[0][2:4] == ["0.9", "0.45"] and rows[10][6] == "-"  # 4 significant digits; None is "-"
+    assert rows[-3][2:] == ["-"] * 6 and rows[-2][2:] == ["0.4"] * 6  # the data row: no ode_error
     assert "0.03536" in table  # 0.05 / sqrt(2)
 
 
@@ -293,7 +429,7 @@ def test_write_videos_writes_readable_gifs_with_every_frame(tmp_path):
         frames = iio.imread(path, index=None)
         assert frames.shape[:3] == (8, 16 * 8 + bar, 16 * 8) and path.stat().st_size < 30_000
     red = iio.imread(paths[0], index=None)[..., :3]
-    cy = int(evaluate.video_features(videos[:1])[0, 1] * evaluate.GEOMETRY_UNIT * 16 * 8)  # centre row
+    cy = int((_angle(evaluate.video_features(videos[:1]), "y")[0] % 1) * 16 * 8)  # centre row
     assert red[0, cy, :, 0].max() == 255 and red[0, cy, :, 1].max() == 0  # red shape, black background
     assert tuple(red[0, 2, 2]) == (0, 0, 0)
     grey = iio.imread(paths[2], index=None)[..., :3]

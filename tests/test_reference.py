@@ -48,10 +48,12 @@ def test_every_stage_writes_the_contract_outputs(finished_run):
         assert (run_dir / name).is_file(), name
     result = read_eval(run_dir)
     assert result["steps"] == [1, 2, 3]
-    assert set(result["models"]) == {"teacher", "student_stage1", "student", "consistency"}
+    assert set(result["models"]) == {"teacher", "student_stage1", "student", "consistency", "data"}
     for per_metric in result["models"].values():
-        assert set(per_metric) == {"ode_error", "fd"}
+        assert set(per_metric) == {"ode_error", "fd", "motion_error"}
         assert all(len(v) == 3 for v in per_metric.values())
+    data = result["models"]["data"]  # the floor: a second sample of the world, the same at every step
+    assert data["ode_error"] == [None] * 3 and data["motion_error"] == [0.0] * 3 and len(set(data["fd"])) == 1
     assert len(list((run_dir / "videos").glob("*.gif"))) >= 2 * 4
     records = read_metrics(run_dir / "metrics.jsonl")
     for stage, steps in (("teacher", 40), ("stage1", 30), ("stage2", 6), ("consistency", 4)):

@@ -183,7 +183,9 @@ def _warnings(caplog) -> list[str]:
 def _write_outputs(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(
-        {"steps": [1, 2, 4], "models": {"student": {"ode_error": [0.3, 0.2, 0.1], "fd": [3.0, 2.0, 1.0]}}}))
+        {"steps": [1, 2, 4], "models": {
+            "student": {"ode_error": [0.3, 0.2, 0.1], "fd": [3.0, 2.0, 1.0], "motion_error": [0.5, 0.25, 0.0]},
+            "data": {"ode_error": [None] * 3, "fd": [0.9] * 3, "motion_error": [0.0] * 3}}}))
     (run_dir / "eval.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (run_dir / "videos").mkdir(exist_ok=True)
     (run_dir / "videos" / "student_n1.gif").write_bytes(b"GIF89a")
@@ -250,6 +252,11 @@ def test_sqlite_default_backend_params_metrics_tags_artifacts(sqlite_out, monkey
     assert sorted(m.timestamp for m in hist) == [(1_700_000_000 + k) * 1000 for k in range(5)]
     fd = sorted((m.step, m.value) for m in client.get_metric_history(tr.run_id, "eval/student/fd"))
     assert fd == [(1, 3.0), (2, 2.0), (4, 1.0)]
+    motion = sorted((m.step, m.value) for m in client.get_metric_history(tr.run_id, "eval/student/motion_error"))
+    assert motion == [(1, 0.5), (2, 0.25), (4, 0.0)]
+    floor = sorted((m.step, m.value) for m in client.get_metric_history(tr.run_id, "eval/data/fd"))
+    assert floor == [(1, 0.9), (2, 0.9), (4, 0.9)]
+    assert client.get_metric_history(tr.run_id, "eval/data/ode_error") == []  # null: not measured, not logged
     assert "skipped" not in run.data.metrics and run.data.metrics["time/total_seconds"] == 12.5
     t = run.data.tags
     assert t["purpose"] == "test" and t["stage"] == "done" and t["ray.job_id"] == "02000000"

@@ -7,21 +7,31 @@ left"``, ``"blue bar standing still"``.  Clips are written in the Parquet
 schema of :mod:`pipeline.data.schema`, so the rest of the pipeline treats them
 like VAE latents of real video.
 
+The frame is a torus: a shape that leaves one border comes back in at the
+opposite one, and its position is uniform over the whole frame.  So the
+world's distribution does not change under a shift in space (wrapped) or in
+time (constant velocity), and everything the prompt fixes (colour, shape,
+direction and speed of motion) is relative: a Wan DiT, whose only notion of
+position is its relative 3D RoPE, can learn it.  (Version 1 centred every
+object at mid-clip, an absolute placement in space and time that the teacher
+could not learn; DESIGN.md, "The toy world".)
+
 What a clip is (all of it deterministic in ``(cfg.seed, sample_id)``):
 
 * Colour, shape and motion are drawn uniformly from the vocabulary.  Jitter per
-  clip: half-size ``0.2 * min(H, W)`` +-15 %, the position at mid-clip
-  ``(0.5, 0.5)`` +-0.08 of the frame on each axis, and the distance travelled
-  over the clip ``0.4`` of the frame +-20 % (linear motion, centred on the
-  mid-clip position; zero for "still").  Randomness comes from a counter-based
-  hash of ``(seed, sample_id, attribute)``, so a clip does not depend on which
-  other clips are generated with it.
+  clip: half-size ``0.2 * min(H, W)`` +-15 %, the position at mid-clip uniform
+  over the frame, and the distance travelled over the clip ``cfg.travel`` of
+  the frame +-20 % (linear motion, constant speed; zero for "still").
+  Randomness comes from a counter-based hash of ``(seed, sample_id,
+  attribute)``, so a clip does not depend on which other clips are generated
+  with it.
 * Each colour is a fixed vector in channel space: channels 0-2 are the colour's
   R, G, B, channel 3 its luma (0.3 R + 0.59 G + 0.11 B), further channels fixed
   pseudo-random features; each channel is then centred and scaled to unit RMS
   over the four colours.  A pixel is ``SHAPE_GAIN * alpha * colour``, where
   ``alpha`` in [0, 1] is the shape's coverage with a soft (smoothstep, 1.5 px
-  wide) edge; the background is exactly 0.
+  wide) edge, measured with wrapped (nearest-image) distances; the background
+  is exactly 0.
 * Normalisation: colours are centred over the vocabulary, so the latents have
   mean ~0 per channel; ``SHAPE_GAIN`` is fixed so that the default world has
   std ~1 overall (shapes cover ~14 % of the frame).  Sizes are fractions of the
@@ -54,8 +64,9 @@ COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("square", "circle", "triangle", "bar")
 MOTIONS = ("left", "right", "up", "down", "still")
 
-TOY_WORLD_VERSION = 1
-"""Bumped whenever rendering changes, so cached datasets are rebuilt."""
+TOY_WORLD_VERSION = 2
+"""Bumped whenever rendering changes, so cached datasets are rebuilt (and teachers made for an older
+world are refused). 1: objects centred at mid-clip; 2: the torus (uniform positions, wrap-around)."""
 
 SHAPE_GAIN = 2.83
 """Scale of a fully covered pixel; gives the default world std ~1 (see module docstring)."""
@@ -97,9 +108,20 @@ class ToyWorldConfig:
     shares one text encoder)."""
     shard_rows: int = 512
     """Most rows per Parquet shard."""
+    travel: float = 0.4
+    """Distance a moving shape travels over the clip, as a fraction of the frame (+-20 % per clip), in
+    (0, 0.83): at most one frame, so a frame-to-frame step stays far below the half frame beyond which a
+    wrapped displacement is ambiguous. The default 0.4 keeps even the first-to-last displacement below it."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.travel, bool) or not isinstance(self.travel, (int, float)) \
+                or not 0 < self.travel * 1.2 < 1:
+            raise ValueError(f"ToyWorldConfig.travel must be a number in (0, 0.83) (at most 1 frame with "
+                             f"the +20 % jitter), got {self.travel!r}")
+        self.travel = float(self.travel)
         for f in dataclasses.fields(self):
+            if f.name == "travel":
+                continue
             value = getattr(self, f.name)
             low = 0 if f.name in ("seed", "embed_seed") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -209,9 +231,9 @@ def _clip_params(cfg: ToyWorldConfig, ids: np.ndarray) -> dict[str, np.ndarray]:
         "shape": (u[1] * len(SHAPES)).astype(np.int64),
         "motion": (u[2] * len(MOTIONS)).astype(np.int64),
         "size": 0.2 * (1.0 + 0.3 * (u[3] - 0.5)),       # half-size, fraction of min(H, W)
-        "travel": 0.4 * (1.0 + 0.4 * (u[4] - 0.5)),     # distance over the clip, fraction of frame
-        "x": 0.5 + 0.16 * (u[5] - 0.5),                 # mid-clip centre, fraction of width
-        "y": 0.5 + 0.16 * (u[6] - 0.5),                 # mid-clip centre, fraction of height
+        "travel": cfg.travel * (1.0 + 0.4 * (u[4] - 0.5)),  # distance over the clip, fraction of frame
+        "x": u[5],                                      # mid-clip centre, fraction of width (torus)
+        "y": u[6],                                      # mid-clip centre, fraction of height (torus)
     }
 
 
@@ -234,6 +256,12 @@ def _shape_sdf(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.
     return np.maximum(np.maximum(dy, s * dx - c * dy), -s * dx - c * dy) - 0.75 * r
 
 
+def _wrap(d: np.ndarray, size: int) -> np.ndarray:
+    """Offsets on a torus of circumference ``size``: the nearest image, in [-size / 2, size / 2)."""
+    half = np.float32(size / 2)
+    return np.mod(d + half, np.float32(size)) - half
+
+
 def _coverage(cfg: ToyWorldConfig, p: dict[str, np.ndarray]) -> np.ndarray:
     """Soft coverage alpha in [0, 1] of each clip's shape, float32 (N, F, H, W).
 
@@ -247,8 +275,8 @@ def _coverage(cfg: ToyWorldConfig, p: dict[str, np.ndarray]) -> np.ndarray:
     travel = p["travel"].astype(f32)[:, None] * t  # (N, F)
     cx = (p["x"].astype(f32)[:, None] + direction[:, :1] * travel) * f32(W)
     cy = (p["y"].astype(f32)[:, None] + direction[:, 1:] * travel) * f32(H)
-    dx = (np.arange(W, dtype=f32) + f32(0.5)) - cx[:, :, None, None]  # (N, F, 1, W)
-    dy = (np.arange(H, dtype=f32) + f32(0.5))[:, None] - cy[:, :, None, None]  # (N, F, H, 1)
+    dx = _wrap((np.arange(W, dtype=f32) + f32(0.5)) - cx[:, :, None, None], W)  # (N, F, 1, W)
+    dy = _wrap((np.arange(H, dtype=f32) + f32(0.5))[:, None] - cy[:, :, None, None], H)  # (N, F, H, 1)
     radius = (p["size"] * min(H, W)).astype(f32)[:, None, None, None]
     sdf = np.empty((len(p["shape"]), F, H, W), dtype=f32)
     for k, shape in enumerate(SHAPES):

@@ -76,12 +76,13 @@ def slice_rows(d, start: int, stop: int):
 
 
 def data_draws(seed: int, stage: str, step: int, batch: int, num_rows: int, latent_shape, shift_k: float,
-               cond_dropout: float, fractions: PairFractions | None) -> DataDraws:
-    """A real-data batch: flow matching (`fractions=None`: r = t, t logit-normal) or stage-1 pairs."""
+               cond_dropout: float, fractions: PairFractions | None, t_mean: float = 0.0) -> DataDraws:
+    """A real-data batch: flow matching (`fractions=None`: r = t, t logit-normal with mean `t_mean`, then
+    shifted) or stage-1 pairs."""
     g = generator(seed, stage, step, stream=0)
     index = torch.randint(num_rows, (batch,), generator=g)
     if fractions is None:
-        t = shift(logit_normal(batch, g), shift_k).float()
+        t = shift(logit_normal(batch, g, mean=t_mean), shift_k).float()
         r = t.clone()
     else:
         t, r = sample_pairs(batch, shift_k, fractions, g)

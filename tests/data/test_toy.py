@@ -18,12 +18,21 @@ SMALL = ToyWorldConfig(num_train=40, num_heldout=12, shard_rows=16)
 
 
 def centre_of_mass(clip: torch.Tensor) -> torch.Tensor:
-    """(F, 2) centre (x, y) in pixels of the channel energy of each frame of an (F, C, H, W) clip."""
-    energy = clip.square().sum(1)  # (F, H, W)
-    ys = torch.arange(clip.shape[2], dtype=torch.float32) + 0.5
-    xs = torch.arange(clip.shape[3], dtype=torch.float32) + 0.5
-    total = energy.sum((1, 2))
-    return torch.stack([(energy.sum(1) * xs).sum(1) / total, (energy.sum(2) * ys).sum(1) / total], 1)
+    """(F, 2) centre (x, y) in pixels of the channel energy of each frame of an (F, C, H, W) clip, on the
+    torus: the angle of the energy-weighted mean of exp(2 pi i position / size) on each axis."""
+    energy = clip.square().sum(1).double()  # (F, H, W)
+    centre = []
+    for axis, size in ((1, clip.shape[3]), (2, clip.shape[2])):  # x: sum over rows; y: sum over columns
+        marginal = energy.sum(axis)  # (F, size)
+        angle = 2 * torch.pi * (torch.arange(size, dtype=torch.float64) + 0.5) / size
+        phase = torch.atan2((marginal * angle.sin()).sum(1), (marginal * angle.cos()).sum(1))
+        centre.append((phase / (2 * torch.pi) * size) % size)
+    return torch.stack(centre, 1).float()
+
+
+def wrapped(d: torch.Tensor, size: int) -> torch.Tensor:
+    """Offsets on a torus of circumference `size`: the nearest image."""
+    return (d + size / 2) % size - size / 2
 
 
 # --------------------------------------------------------------------------- config
@@ -34,10 +43,12 @@ def test_default_config_values():
     assert (cfg.frames, cfg.channels, cfg.height, cfg.width) == (8, 4, 16, 16)
     assert (cfg.num_train, cfg.num_heldout, cfg.seed) == (2048, 256, 0)
     assert (cfg.embed_len, cfg.embed_dim, cfg.embed_seed, cfg.shard_rows) == (8, 32, 0, 512)
+    assert cfg.travel == 0.4
 
 
 @pytest.mark.parametrize("field, value", [("frames", 0), ("width", -1), ("seed", -1),
-                                          ("embed_len", 3), ("shard_rows", 1.5)])
+                                          ("embed_len", 3), ("shard_rows", 1.5), ("travel", 0.0),
+                                          ("travel", 0.9), ("travel", "far"), ("travel", True)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"ToyWorldConfig.{field} must be"):
         ToyWorldConfig(**{field: value})
@@ -86,18 +97,49 @@ def test_other_sizes_render():
                                                 ("down", 1, 1), ("still", None, 0)])
 def test_shape_moves_the_way_the_prompt_says(motion, axis, sign):
     cfg = ToyWorldConfig()
-    for sample_id in range(6):
+    for sample_id in range(12):
         shape = toy.SHAPES[sample_id % 4]
         prompt = f"green {shape} " + ("standing still" if motion == "still" else f"moving {motion}")
         clip, got = toy.render_video(cfg, sample_id, prompt=prompt)
         assert got == prompt
-        steps = centre_of_mass(clip).diff(dim=0)  # (F - 1, 2) pixel steps per frame
+        steps = wrapped(centre_of_mass(clip).diff(dim=0), 16)  # (F - 1, 2) pixel steps per frame, on the torus
         if axis is None:
-            assert steps.abs().max() < 1e-4
+            assert steps.abs().max() < 1e-3
         else:
-            assert (sign * steps[:, axis] > 0.3).all(), (prompt, steps)
-            assert steps[:, 1 - axis].abs().max() < 0.1  # pixel sampling and frame-edge clipping
+            assert (sign * steps[:, axis] > 0.6).all(), (prompt, steps)
+            assert steps[:, 1 - axis].abs().max() < 0.05, (prompt, steps)  # pixel sampling only: no border clips
             assert 0.3 * 16 < sign * (steps[:, axis].sum()) < 0.5 * 16  # 0.4 of the frame +-20 %
+
+
+def test_travel_sets_the_distance_moved():
+    for travel in (0.2, 0.6):
+        clip, _ = toy.render_video(ToyWorldConfig(travel=travel), 5, prompt="red circle moving down")
+        moved = wrapped(centre_of_mass(clip).diff(dim=0), 16)[:, 1].sum() / 16
+        assert 0.8 * travel - 0.01 < moved < 1.2 * travel + 0.01
+
+
+def test_positions_are_uniform_and_shapes_wrap_around_the_border():
+    cfg = ToyWorldConfig()
+    latents, _ = toy.render_videos(cfg, np.arange(cfg.num_train))
+    # translation invariance: every pixel is lit about equally often over the world
+    lit = (latents.abs().sum(2) > 1e-3).double().mean((0, 1))  # (H, W)
+    assert lit.min() > 0.85 * lit.mean() and lit.max() < 1.15 * lit.mean()
+    # mid-clip positions fill the frame: each quarter of it holds about a quarter of the clips
+    centres = torch.stack([centre_of_mass(clip)[cfg.frames // 2] for clip in latents[:512]])
+    for axis in (0, 1):
+        counts = torch.histc(centres[:, axis], bins=4, min=0, max=16)
+        assert counts.min() > 0.75 * 128 and counts.max() < 1.25 * 128, counts
+    # a shape on the left border shows up on both sides, and is one piece on the torus
+    for sample_id in range(40):
+        clip, _ = toy.render_video(cfg, sample_id, prompt="red square standing still")
+        frame = clip[0].abs().sum(0)  # (H, W)
+        if frame[:, 0].max() > 0.5 and frame[:, -1].max() > 0.5:
+            break
+    else:
+        pytest.fail("no square straddles the left/right border in 40 clips")
+    middle = torch.roll(frame, shifts=8, dims=1)  # the border is now the middle column
+    cols = (middle > 1e-3).any(0).nonzero().flatten()
+    assert cols.max() - cols.min() + 1 == len(cols) < 16
 
 
 def test_pixels_have_the_prompts_colour():

@@ -21,7 +21,7 @@ def test_a_run_with_the_ray_backend_trains_evaluates_and_exports(ray_cluster, ti
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "stage2"]
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     assert all(r[LAG_MAX] == 0 for r in records)
-    assert set(read_eval(run_dir)["models"]) == {"teacher", "student_stage1", "student"}
+    assert set(read_eval(run_dir)["models"]) == {"teacher", "student_stage1", "student", "data"}
     assert (run_dir / "student" / "model_index.json").is_file()
     _assert_console_tells_what_ran_on_ray(capsys.readouterr().out)
 
