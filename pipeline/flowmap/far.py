@@ -261,15 +261,17 @@ class FarCache:
 
 
 def empty_cache(model, like: torch.Tensor) -> FarCache:
-    """The cache before the first chunk: no tokens (batch, heads, dtype and device of `like`)."""
+    """The cache before the first chunk: no tokens (batch and device of `like`, the model's dtype)."""
     shape = (2, like.shape[0], model.config.num_attention_heads, 0, model.config.attention_head_dim)
-    return FarCache([{"compressed_cache": like.new_zeros(shape), "full_cache": like.new_zeros(shape)}
+    dtype = next(model.parameters()).dtype
+    return FarCache([{name: like.new_zeros(shape, dtype=dtype) for name in ("compressed_cache", "full_cache")}
                      for _ in model.blocks], 0)
 
 
 def write_cache(model, prefix: torch.Tensor, chunk_partition, cond: torch.Tensor) -> FarCache:
     """The cache-write call: the finished prefix (B, F, C, H, W) at t = r = 0 into a new cache."""
     b, f, _, h, w = prefix.shape
+    prefix, cond = prefix.to(next(model.parameters()).dtype), cond.to(next(model.parameters()).dtype)
     layout = FarLayout.of(model, chunk_partition, h, w, mode="cache")
     n_comp = sum(chunk_partition[:layout.num_compressed_chunks]) * layout.compressed_tokens_per_frame
     n_full = sum(chunk_partition[layout.num_compressed_chunks:]) * layout.full_tokens_per_frame
@@ -307,9 +309,11 @@ class ChunkFn:
         tt = _train_units(t).to(z.device)[:, None].expand(b, f)
         rr = _train_units(r).to(z.device)[:, None].expand(b, f)
         flag = {"num_cached_chunks": self.cache.num_chunks, "is_cache_step": False}
-        return self.model(hidden_states=z, timestep=tt, r_timestep=rr, encoder_hidden_states=cond,
-                          chunk_partition=self.chunk_partition, kv_cache=self.cache.layers, kv_cache_flag=flag,
-                          return_dict=False)[0]
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(hidden_states=z.to(dtype), timestep=tt, r_timestep=rr, encoder_hidden_states=cond.to(dtype),
+                         chunk_partition=self.chunk_partition, kv_cache=self.cache.layers, kv_cache_flag=flag,
+                         return_dict=False)[0]
+        return out.to(z.dtype)
 
 
 def chunk_bounds(chunk_partition) -> list[tuple[int, int]]:
