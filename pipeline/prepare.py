@@ -27,6 +27,7 @@ key or bad value, a missing or wrong model folder, an unreadable manifest, frame
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -259,6 +260,12 @@ class Staging:
                 yield schema.LatentDataset.concat([data.slice(i, i + 1) for i in idx])
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write through a temporary name and rename: a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -391,7 +398,7 @@ def prepare(cfg: PrepareConfig, on_chunk: Callable[[int], None] | None = None) -
         if not (staging.dir / NULL_FILE).is_file():
             task = ray.remote(_null_embed).options(num_cpus=cfg.ray.encode_cpus, num_gpus=cfg.ray.encode_gpus)
             null = ray.get(task.remote(_plain(cfg)))
-            _atomic(staging.dir / NULL_FILE, lambda tmp: np.save(open(tmp, "wb"), null))
+            _atomic(staging.dir / NULL_FILE, lambda tmp: tmp.write_bytes(_npy_bytes(null)))
         if todo:
             stream(cfg, todo, latent_shape, staging, on_chunk)
     finally:
