@@ -495,26 +495,36 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def load_config(config_file: str | None = None, overrides: list[str] = ()) -> Config:
-    """The resolved config: defaults, then the YAML file (or preset name), then dotted overrides."""
-    tree: dict = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file() and (PRESET_DIR / f"{config_file}.yaml").is_file():
-            path = PRESET_DIR / f"{config_file}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"--config {config_file}: no such file (or preset in {PRESET_DIR})")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"--config {path}: the top level must be a mapping")
+def read_tree(config_file: str | None, preset_dir: Path = PRESET_DIR) -> dict:
+    """The mapping in a YAML file (or preset `preset_dir/NAME.yaml`); {} for None."""
+    if not config_file:
+        return {}
+    path = Path(config_file)
+    if not path.is_file() and (preset_dir / f"{config_file}.yaml").is_file():
+        path = preset_dir / f"{config_file}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--config {config_file}: no such file (or preset in {preset_dir})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--config {path}: the top level must be a mapping")
+    return tree
+
+
+def build(cls, tree: dict, overrides: list[str] = ()):
+    """A `cls` config tree: its defaults, then `tree` (from YAML), then dotted overrides; checked types."""
     over: dict = {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(over, key, value)
-    return _from_dict(Config, _merge(tree, over)).validate()
+    return _from_dict(cls, _merge(tree, over))
+
+
+def load_config(config_file: str | None = None, overrides: list[str] = ()) -> Config:
+    """The resolved config: defaults, then the YAML file (or preset name), then dotted overrides."""
+    return build(Config, read_tree(config_file), overrides).validate()
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
