@@ -87,6 +87,7 @@ class WeightFollower:
         self._followed, self._slot = model, slot
         self._adapters_only = lora.has_adapters(model)
         self.version = -1
+        self._aliased: list[str] = []
         self._reconstructed = reports_restart and _was_reconstructed()
 
     def pull(self) -> float:
@@ -98,9 +99,22 @@ class WeightFollower:
             if self._adapters_only:
                 lora.load_adapter_state_dict(self._followed, weightsync.unpack(packed))
             else:
-                weightsync.load_into(self._followed, packed)
+                self._aliased = weightsync.load_into(self._followed, packed)
             self.version = version
         return time.perf_counter() - t0
+
+    def release(self) -> None:
+        """Let go of the version's shared memory after a task when no later task will use it (policy lag 0:
+        the next task needs a newer version), so the store's copy is freed before the learner writes the
+        next one. Only weights that are views of the buckets (CPU, whole state) hold it; copies into a GPU
+        and adapters are the actor's own. The next `pull` loads again."""
+        if self._aliased:
+            weightsync.release(self._followed, self._aliased)
+            self._aliased, self.version = [], -1
+
+    def _release_if_on_policy(self) -> None:
+        if self.cfg.ray.max_policy_lag == 0:
+            self.release()
 
     def _fetch(self, version: int, held: list) -> tuple[int, weightsync.Packed]:
         """(version, its packed state for our slot, buckets resolved); if the learner that published it
@@ -172,6 +186,8 @@ class RolloutWorker(WeightFollower):
                 "nfe": nfe, "nfe_critic": self.u_fn.calls - nfe, "threads": torch.get_num_threads(),
                 "restarted": self._restarted()}
         olds, crits = steps.split_rows(x_old, num_learners), steps.split_rows(x_crit, num_learners)
+        version = meta["student_version"]
+        self._release_if_on_policy()
         return [steps.Trajectory(stage, step, steps.rank_rows(x_old.shape[0], num_learners, r), gen.num_steps, gen.k,
-                                 self.version, x_old=o, x_crit=k)
+                                 version, x_old=o, x_crit=k)
                 for r, (o, k) in enumerate(zip(olds, crits))] + [meta]

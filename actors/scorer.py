@@ -67,7 +67,8 @@ class Scorer(WeightFollower):
                 "score_pull_seconds": pull_s, "bytes": steps.nbytes(y), "teacher_calls": t_fn.calls,
                 "critic_calls": c_fn.calls, "score_threads": torch.get_num_threads(), "score_restarted": self._restarted(),
                 **{M.DMD_PREFIX + k: v for k, v in figs.items()}}
+        self._release_if_on_policy()
         # the target parts: this step's rows of each rank, tagged with the critic version
         return [steps.Trajectory(stage, step, part.rows, part.num_steps, part.k, part.student_version,
-                                 critic_version=self.version, y=y_r)
+                                 critic_version=meta["critic_version"], y=y_r)
                 for part, y_r in zip(rollout_slices, steps.split_rows(y, len(rollout_slices)))] + [meta]

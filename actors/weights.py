@@ -15,7 +15,10 @@ touches the bytes. Those objects are the learner's: if it dies they are lost, an
 (tests, tools) are packed and put by the store itself. Only the newest `keep` versions are held
 (default 1: a follower that took the refs of an older one borrows them, which keeps that
 version alive until it lets go, so nothing older is needed); an older version is freed as soon
-as no follower holds it.
+as no follower holds it. Strictly on-policy (policy lag 0) nobody reads version `v` once the
+learners have taken step `v`'s targets, so learner rank 0 calls `release()` before it writes
+`v + 1` and the followers let go after each task: host memory then holds one version, not two
+(the old one while the new one is written; issue 16). `latest` waits while nothing is held.
 
 A plain class; `ray.remote` is applied where it is launched (pipeline/onpolicy.py). Its
 methods are coroutines so `wait_for` can block callers without blocking the store.
@@ -84,17 +87,25 @@ class WeightStore:
         """The learners' figures of step `step` (losses, times), kept for `figures_since`."""
         self._figures[step] = dict(figures)
 
+    async def release(self) -> None:
+        """Forget every held version now: the learner is about to write the next one and no follower will
+        read these again (policy lag 0). Until that publish, `latest` waits."""
+        self._refs.clear()
+
     async def latest(self) -> tuple[int, list[weightsync.Packed]]:
-        """(newest version, [student Packed, critic Packed]); their bucket refs come back unresolved."""
+        """(newest version, [student Packed, critic Packed]); their bucket refs come back unresolved.
+        After a `release`, waits for the next publish."""
         if self._version < 0:
             raise RuntimeError("no weights published yet")
+        async with self._cond():
+            await self._cond().wait_for(lambda: self._version in self._refs)
         return self._version, list(self._refs[self._version])
 
     async def latest_after(self, stale: list) -> tuple[int, list[weightsync.Packed]]:
         """`latest()` once its refs are not `stale` any more: a follower whose `ray.get` found the objects
         lost (their publisher, a learner, died) waits here for the restarted learners' republish."""
         async with self._cond():
-            await self._cond().wait_for(lambda: self._version >= 0 and self._refs[self._version] != list(stale))
+            await self._cond().wait_for(lambda: self._refs.get(self._version, stale) != list(stale))
         return self._version, list(self._refs[self._version])
 
     async def version(self) -> int:

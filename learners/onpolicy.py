@@ -160,6 +160,9 @@ class OnPolicyLearner:
         self.settings, self.calls = steps.stage1_settings(cfg), steps.grad_calls_of(self.c)
         self.rows = steps.rank_rows(self.c.batch_size, world, rank)
         self._publishing = None
+        self._bucket_scratch = None
+        """rank 0's reusable bucket (`weightsync.scratch_bucket`): every bucket of every sync is written
+        into these mapped pages, then `ray.put` copies it into the object store"""
         self.guard = StepGuard(f"{stage} student", cfg.run.max_bad_steps)
         self.critic_guard = StepGuard(f"{stage} critic", cfg.run.max_bad_steps,
                                       (M.CRITIC_SKIPPED_STEPS, M.CRITIC_BAD_IN_A_ROW))
@@ -238,11 +241,14 @@ class OnPolicyLearner:
         one by one as they fill (rank 0; None elsewhere): its adapters with LoRA, else its whole state.
         Packing is the one copy the learner makes (on a GPU, into a device bucket, then one
         device-to-host copy per bucket), and `ray.put` writes each bucket once into shared memory (no
-        pickled tensor). A collective under ZeRO-3 (only the trained parameters are gathered)."""
+        pickled tensor); the buckets are written into one reusable scratch bucket, so after the first sync
+        no fresh memory is faulted in. A collective under ZeRO-3 (only the trained parameters are gathered)."""
         with self._ds.full_params(engine, self.zero):
             if self.rank != 0:
                 return None
-            return weightsync.pack(self._synced_state(engine), sink=ray.put)
+            if self._bucket_scratch is None:
+                self._bucket_scratch = weightsync.scratch_bucket()
+            return weightsync.pack(self._synced_state(engine), sink=ray.put, scratch=self._bucket_scratch)
 
     def publish(self, version: int, rewind: bool = False) -> float:
         """Version `version` to the WeightStore (every rank joins the gathers, rank 0 sends); the seconds
@@ -250,6 +256,13 @@ class OnPolicyLearner:
         small index with their refs, so no process holds a second copy; the store's call is not waited for (the driver waits on the store for the version it needs), but
         the previous publish's outcome is checked here, so an error still surfaces."""
         t0 = time.perf_counter()
+        if self.rank == 0 and self.cfg.ray.max_policy_lag == 0:
+            # strictly on-policy nobody reads the held version again: free it before writing the next
+            # (the followers let go after their tasks), so host memory holds one version, not two
+            if self._publishing is not None:
+                ray.get(self._publishing)
+                self._publishing = None
+            ray.get(self.store.release.remote())
         student, critic = self._synced(self.student), self._synced(self.critic)
         if self.rank == 0:
             if self._publishing is not None:

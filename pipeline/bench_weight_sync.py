@@ -16,10 +16,13 @@ networks are the diffusers classes built on the meta device (no weights of their
 version's views become them); the source states are random bits (a sync does not look at values),
 made straight from the architecture's shapes.
 
-Per repeat (after one untimed warm-up sync): publish seconds (pack + put + the store's call), load
-seconds (inside the actor), end to end (publish + the actor's pull as the driver sees it), then one
-plain torch copy of the same tensors in this process (`clone`, the reference the issue sets) and a
-copy into warm memory (`copy_into`); medians over the repeats. Memory: the proportional set size
+First, before Ray holds a byte, one plain torch copy of the same tensors in this process per repeat
+(`clone`, the reference the issue sets, each freed before the next) and a copy into warm memory
+(`copy_into`). Then per repeat (after one untimed warm-up sync): publish seconds (pack + put + the
+store's call), load seconds (inside the actor), end to end (publish + the actor's pull as the driver
+sees it); medians over the repeats. `--lag 0` (the default run's policy lag) measures the path
+that holds one version: the follower lets go after its task and the learner releases the store's
+version before writing the next; `--lag 1` the double-buffered one. Memory: the proportional set size
 (PSS: shared pages split among the processes that map them, so the object store's shared memory
 counts once) summed over this process and all its descendants (Ray's raylet with its object store,
 GCS, workers, the actors), polled every 50 ms, peak while syncs run. LoRA: the same for the
@@ -138,6 +141,11 @@ class SyncFollower:
             role.pull()
         return {"load_s": time.perf_counter() - t0, "versions": [r.version for r in self.roles]}
 
+    def release(self) -> None:
+        """What a follower does after its task at policy lag 0: let go of the version's shared memory."""
+        for role in self.roles:
+            role.release()
+
     def digests(self) -> list[dict]:
         from pipeline.flowmap import lora
 
@@ -233,13 +241,20 @@ def copy_figures(states: list[dict]) -> dict:
     return {"copy_s": clone_s, "copy_into_s": time.perf_counter() - t0}
 
 
-def sync_once(ray, store, follower, version: int, states: list[dict]) -> dict:
-    """One sync through the pipeline's path; its publish, load and end-to-end seconds."""
+def sync_once(ray, store, follower, version: int, states: list[dict], lag: int = 0, scratch=None) -> dict:
+    """One sync through the pipeline's path; its publish, load and end-to-end seconds. At policy lag 0
+    (the default run's) the follower has let go after its task and learner rank 0 releases the store's
+    version before writing the next (`OnPolicyLearner.publish`), so only one version is ever held; at
+    lag >= 1 the old version stays in use while the new one is written (two held)."""
     from pipeline import weightsync
 
+    if lag == 0:
+        ray.get(follower.release.remote())  # the end of the follower's previous task, not timed
     t0 = time.perf_counter()
+    if lag == 0:
+        ray.get(store.release.remote())
     # 1. learner rank 0: pack each network, each bucket put as soon as it is full; hand the store the index
-    packed = [weightsync.pack(s, sink=ray.put) for s in states]
+    packed = [weightsync.pack(s, sink=ray.put, scratch=scratch) for s in states]
     t_put = time.perf_counter()
     ray.get(store.publish.remote(version, *packed))
     del packed
@@ -260,33 +275,32 @@ def legacy_sync_once(ray, store, follower, version: int, states: list[dict]) -> 
     return time.perf_counter() - t0
 
 
-def run_full(ray, args, poller: TreeMemoryPoller) -> dict:
+def run_full(ray, args, poller: TreeMemoryPoller, states: list[dict], copies: list[dict]) -> dict:
+    """The timed syncs of `states` (the plain-copy figures `copies` were measured before Ray held anything,
+    so no clone sits beside the store's versions)."""
     from actors.weights import WeightStore
     from pipeline import weightsync
 
-    dtype = DTYPES[args.dtype]
-    states = [synced_state(n) for n in meta_networks(args.size, dtype)]
     nbytes = sum(weightsync.nbytes_of(s) for s in states)
-    _say(f"{args.size}: {sum(len(s) for s in states)} tensors, {nbytes / 2**30:.2f} GiB per sync in {args.dtype}")
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
     follower = ray.remote(SyncFollower).options(num_cpus=1).remote(store, args.size, args.dtype)
+    scratch = weightsync.scratch_bucket()  # learner rank 0's reusable bucket
     legacy = nbytes < LEGACY_MAX_BYTES
     if legacy:
         old_store = ray.remote(LegacyStore).options(num_cpus=0).remote()
         old_follower = ray.remote(LegacyFollower).options(num_cpus=1).remote(old_store, args.size, args.dtype)
         legacy_sync_once(ray, old_store, old_follower, 0, states)
-    sync_once(ray, store, follower, 0, states)  # warm-up: the first version fills the meta networks
+    sync_once(ray, store, follower, 0, states, args.lag, scratch)  # warm-up: the first version fills the meta networks
     baseline = TreeMemoryPoller.tree_pss()
-    runs, copies, legacy_s = [], [], []
+    runs, legacy_s = [], []
     for r in range(1, args.repeats + 1):
         poller.active = True
-        runs.append(sync_once(ray, store, follower, r, states))
+        runs.append(sync_once(ray, store, follower, r, states, args.lag, scratch))
         poller.active = False
-        copies.append(copy_figures(states))
         if legacy:
             legacy_s.append(legacy_sync_once(ray, old_store, old_follower, r, states))
         _say(f"repeat {r}/{args.repeats}: sync {runs[-1]['sync_s']:.3f} s (publish {runs[-1]['publish_s']:.3f}, "
-             f"load {runs[-1]['load_s']:.3f}), clone {copies[-1]['copy_s']:.3f} s"
+             f"load {runs[-1]['load_s']:.3f}), peak so far {poller.peak / nbytes:.2f}x the bytes"
              + (f", before issue 16 {legacy_s[-1]:.3f} s" if legacy else ""))
     exact = ray.get(follower.digests.remote()) == [digest(s) for s in states]
     if not exact:
@@ -315,8 +329,9 @@ def run_lora(ray, args, rank: int) -> dict:
     states = [synced_state(n) for n in meta_networks(args.size, DTYPES[args.dtype], rank)]
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
     follower = ray.remote(SyncFollower).options(num_cpus=1).remote(store, args.size, args.dtype, rank)
-    sync_once(ray, store, follower, 0, states)
-    runs = [sync_once(ray, store, follower, r, states) for r in range(1, args.repeats + 1)]
+    scratch = weightsync.scratch_bucket()
+    sync_once(ray, store, follower, 0, states, args.lag, scratch)
+    runs = [sync_once(ray, store, follower, r, states, args.lag, scratch) for r in range(1, args.repeats + 1)]
     if ray.get(follower.digests.remote()) != [digest(s) for s in states]:
         raise RuntimeError(f"LoRA rank {rank}: the follower's adapters differ from the published ones")
     for actor in (follower, store):
@@ -327,15 +342,15 @@ def run_lora(ray, args, rank: int) -> dict:
     return out
 
 
-def needed_memory(size, dtype: torch.dtype) -> tuple[int, int]:
-    """(bytes per sync, object-store bytes the bench sets: two versions, the one a follower still uses
-    and the new one, plus a bucket and 256 MiB of slack)."""
+def needed_memory(size, dtype: torch.dtype, lag: int = 0) -> tuple[int, int]:
+    """(bytes per sync, object-store bytes the bench sets: the versions held at once (one at policy lag 0,
+    two at lag >= 1: the one a follower still uses and the new one), plus two buckets and 256 MiB of slack)."""
     from pipeline.weightsync import BUCKET_BYTES
 
     nbytes = 0
     for net in meta_networks(size, dtype):
         nbytes += sum(v.numel() * v.element_size() for v in net.state_dict().values())
-    return nbytes, 2 * nbytes + BUCKET_BYTES + 256 * 2**20
+    return nbytes, (1 if lag == 0 else 2) * nbytes + 2 * BUCKET_BYTES + 256 * 2**20
 
 
 def _start_ray(ray, store_bytes: int, tries: int = 3) -> None:
@@ -357,24 +372,37 @@ def bench(args: argparse.Namespace) -> dict:
     import psutil
     import ray
 
-    nbytes, store_bytes = needed_memory(args.size, DTYPES[args.dtype])
-    # the source states, two versions in the store, the follower's none of its own; 1.5 GiB for the processes
+    from pipeline import weightsync
+
+    nbytes, store_bytes = needed_memory(args.size, DTYPES[args.dtype], args.lag)
+    # the source states, the store's versions, the follower's none of its own; 1.5 GiB for the processes
     need = nbytes + store_bytes + int(1.5 * 2**30)
     if psutil.virtual_memory().available < need and not args.force:
         raise SystemExit(f"error: --size {args.size} needs about {need / 2**30:.1f} GiB available, the machine has "
                          f"{psutil.virtual_memory().available / 2**30:.1f} GiB (wait, pick a smaller --size, or --force)")
-    _say(f"starting Ray with a {store_bytes / 2**30:.2f} GiB object store")
+    states = [synced_state(n) for n in meta_networks(args.size, DTYPES[args.dtype])]
+    _say(f"{args.size}: {sum(len(s) for s in states)} tensors, "
+         f"{sum(weightsync.nbytes_of(s) for s in states) / 2**30:.2f} GiB per sync in {args.dtype}")
+    # the plain copy first, each clone freed before the next and before Ray holds a byte
+    copies = []
+    for r in range(1, args.repeats + 1):
+        copies.append(copy_figures(states))
+        _say(f"copy {r}/{args.repeats}: clone {copies[-1]['copy_s']:.3f} s, into warm memory "
+             f"{copies[-1]['copy_into_s']:.3f} s")
+    _say(f"starting Ray with a {store_bytes / 2**30:.2f} GiB object store (policy lag {args.lag}: "
+         f"{'one version' if args.lag == 0 else 'two versions'} held at once)")
     _start_ray(ray, store_bytes)
     poller = TreeMemoryPoller()
     poller.start()
     try:
-        full = run_full(ray, args, poller)
+        full = run_full(ray, args, poller, states, copies)
+        del states
         lora = {rank: run_lora(ray, args, rank) for rank in args.lora_ranks}
     finally:
         poller.stop()
         ray.shutdown()
     return {"bench": "weight_sync", "model_size": args.size if isinstance(args.size, str) else json.dumps(args.size),
-            "dtype": args.dtype, "repeats": args.repeats, **full,
+            "dtype": args.dtype, "repeats": args.repeats, "policy_lag": args.lag, **full,
             "peak_rss_bytes": poller.peak, "peak_over_bytes": poller.peak / full["bytes"],
             "peak_rss_method": f"sum of PSS over this process and all descendants, every {POLL_S} s during syncs "
                                f"({poller.samples} samples)",
@@ -413,6 +441,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed syncs (default 3); figures are medians")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="weights' dtype (default bfloat16)")
     p.add_argument("--lora-ranks", default="64,256", help="LoRA ranks of the adapter-only syncs (comma list; '' none)")
+    p.add_argument("--lag", type=int, default=0, choices=[0, 1],
+                   help="policy lag of the path measured: 0 (the default run's; one version held) or 1 (two held)")
     p.add_argument("--force", action="store_true", help="run even if the machine seems short of memory")
     args = p.parse_args(argv)
     try:

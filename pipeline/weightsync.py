@@ -106,14 +106,22 @@ def _bytes_of(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def pack(state: dict[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES, to_numpy: bool = True,
-         sink: Callable | None = None) -> Packed:
+         sink: Callable | None = None, scratch: np.ndarray | None = None) -> Packed:
     """`state` as byte buckets: one copy of every tensor into its bucket, made on the tensors' device;
     with `to_numpy` each bucket ends as a CPU numpy array (one device-to-host copy per bucket from a
     GPU), else as a uint8 tensor on that device (what a broadcast sends). Buckets are filled one at a
     time and each is handed to `sink` as soon as it is full (e.g. `ray.put`: the Packed then holds the
-    refs, and at most one bucket of extra memory exists at once)."""
+    refs, and at most one bucket of extra memory exists at once).
+
+    `scratch` (a flat uint8 numpy array, e.g. `scratch_bucket()` kept by the caller across syncs): the
+    CPU buckets are written into it instead of fresh memory, so every sync after the first writes into
+    pages that are already mapped (a fresh 5 GiB of buckets costs more in page faults than in copying
+    on a VM). Only with a `sink` that copies what it is given before returning (`ray.put` does): the
+    next bucket overwrites it. A bucket larger than `scratch` gets fresh memory."""
     if not state:
         return Packed([], [])
+    if scratch is not None and (sink is None or not to_numpy):
+        raise ValueError("pack: scratch needs a sink that copies the bucket (e.g. ray.put) and to_numpy")
     device = next(iter(state.values())).device
     if any(t.device != device for t in state.values()):
         raise ValueError(f"pack: every tensor must be on one device, got {sorted({str(t.device) for t in state.values()})}")
@@ -123,16 +131,24 @@ def pack(state: dict[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES, to_nu
         entries[e.bucket].append(e)
     buckets = []
     for size, members in zip(sizes, entries):
-        in_numpy = device.type == "cpu" and to_numpy  # numpy-owned memory: Ray serialises it out of band
-        bucket = np.empty(size, dtype=np.uint8) if in_numpy else None
-        flat = torch.from_numpy(bucket) if in_numpy else torch.empty(size, dtype=torch.uint8, device=device)
+        host = None
+        if to_numpy:  # numpy-owned memory: Ray serialises it out of band
+            host = scratch[:size] if scratch is not None and size <= len(scratch) else np.empty(size, dtype=np.uint8)
+        flat = torch.from_numpy(host) if host is not None and device.type == "cpu" else \
+            torch.empty(size, dtype=torch.uint8, device=device)
         for e in members:
             flat[e.offset:e.offset + e.nbytes].copy_(_bytes_of(state[e.name]))
-        if not in_numpy:
-            bucket = flat.cpu().numpy() if to_numpy else flat
+        if host is not None and device.type != "cpu":
+            torch.from_numpy(host).copy_(flat)  # one device-to-host copy per bucket
+        bucket = host if to_numpy else flat
         buckets.append(bucket if sink is None else sink(bucket))
-        del bucket, flat
+        del bucket, flat, host
     return Packed(index, buckets)
+
+
+def scratch_bucket(bucket_bytes: int = BUCKET_BYTES) -> np.ndarray:
+    """A reusable bucket for `pack(..., scratch=)`: one bucket of memory held across syncs."""
+    return np.empty(bucket_bytes, dtype=np.uint8)
 
 
 def unpack(packed: Packed, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
@@ -159,9 +175,9 @@ def nbytes_of(state: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def load_into(model: torch.nn.Module, packed: Packed, alias: bool = True) -> int:
-    """Load a packed state into `model` (strict: the same keys and shapes); returns how many tensors
-    became views of the buckets instead of being copied.
+def load_into(model: torch.nn.Module, packed: Packed, alias: bool = True) -> list[str]:
+    """Load a packed state into `model` (strict: the same keys and shapes); returns the names of the
+    tensors that became views of the buckets instead of being copied (what `release` lets go of).
 
     With `alias`, a parameter or buffer that lives on the CPU (or on the meta device, not yet
     materialised) and has the packed tensor's dtype and shape is *replaced* by the view (no copy; it
@@ -172,17 +188,30 @@ def load_into(model: torch.nn.Module, packed: Packed, alias: bool = True) -> int
     if set(views) != set(own):
         extra, missing = sorted(set(views) - set(own)), sorted(set(own) - set(views))
         raise ValueError(f"packed state does not fit the model: unexpected {extra[:3]}, missing {missing[:3]}")
-    aliased = 0
+    aliased = []
     for name, view in views.items():
         target = own[name]
         if target.shape != view.shape:
             raise ValueError(f"{name}: packed shape {tuple(view.shape)}, the model's is {tuple(target.shape)}")
         if alias and target.device.type in ("cpu", "meta") and target.dtype == view.dtype:
             _replace(model, name, view)
-            aliased += 1
+            aliased.append(name)
         else:
+            if target.device.type == "meta":
+                raise ValueError(f"{name}: the model's tensor is on the meta device (no memory) and cannot be "
+                                 f"aliased ({target.dtype} here, {view.dtype} packed): materialise the model first")
             target.copy_(view)
     return aliased
+
+
+def release(model: torch.nn.Module, names: list[str]) -> None:
+    """Let go of the bucket views `load_into` made the tensors `names` of `model` (they become meta
+    tensors of the same shape and dtype, no memory), so the version's shared memory can be freed before
+    the next one is written; the next `load_into` aliases the new buckets in their place."""
+    own = model.state_dict(keep_vars=True)
+    for name in names:
+        t = own[name]
+        _replace(model, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
 
 def _replace(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:

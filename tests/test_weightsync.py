@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.weightsync import ALIGN, Packed, load_into, pack, plan, unpack
+from pipeline.weightsync import ALIGN, Packed, load_into, pack, plan, release, unpack
 
 
 def _mixed_state() -> dict[str, torch.Tensor]:
@@ -88,7 +88,7 @@ def test_load_into_makes_the_model_compute_exactly_what_the_source_computes(alia
     src, dst = _net(1), _net(2)
     packed = pack(src.state_dict())
     aliased = load_into(dst, packed, alias=alias)
-    assert aliased == (len(src.state_dict()) if alias else 0)
+    assert aliased == (list(src.state_dict()) if alias else [])
     for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
         assert torch.equal(_bits(a), _bits(b)), name
     x = torch.randn(5, 4, dtype=torch.bfloat16)
@@ -102,7 +102,7 @@ def test_load_into_makes_the_model_compute_exactly_what_the_source_computes(alia
 def test_load_into_copies_when_the_dtype_differs_and_rejects_a_state_that_does_not_fit():
     src, dst = _net(1, torch.float32), _net(2, torch.float64)
     # float64 weights: copied (and converted) in; the float32 buffer `scale` matches and is aliased
-    assert load_into(dst, pack(src.state_dict())) == 1
+    assert load_into(dst, pack(src.state_dict())) == ["scale"]
     assert torch.equal(dst[0].weight, src[0].weight.double()) and dst[0].weight.dtype == torch.float64
     with pytest.raises(ValueError, match="missing"):
         load_into(dst, pack({k: v for k, v in src.state_dict().items() if k != "scale"}))
@@ -118,6 +118,24 @@ def test_load_into_fills_a_model_built_on_the_meta_device():
     load_into(dst, pack(src.state_dict()))
     x = torch.randn(2, 4, dtype=torch.bfloat16)
     assert torch.equal(src(x), dst(x))
+
+
+def test_release_lets_go_of_the_bucket_views_and_the_next_load_aliases_the_new_buckets():
+    src1, src2, dst = _net(1), _net(2), _net(3)
+    first = pack(src1.state_dict())
+    names = load_into(dst, first)
+    release(dst, names)
+    assert all(t.is_meta for t in dst.state_dict().values())
+    assert not any(t.data_ptr() == v.data_ptr() for t, v in zip(dst.state_dict().values(), unpack(first).values()))
+    second = pack(src2.state_dict())
+    assert load_into(dst, second) == names
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+    assert torch.equal(src2(x), dst(x))
+    # a copied (not aliased) tensor is the model's own: release leaves it alone
+    src, dst = _net(1, torch.float32), _net(2, torch.float64)
+    release(dst, load_into(dst, pack(src.state_dict())))
+    assert dst[0].weight.device.type == "cpu" and torch.equal(dst[0].weight, src[0].weight.double())
+    assert dst.scale.is_meta
 
 
 def test_a_packed_state_survives_pickle_protocol_5_out_of_band_bit_exact():

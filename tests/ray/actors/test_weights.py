@@ -71,6 +71,9 @@ class _Follower:
         self.role.pull()
         return self.role.version
 
+    def release(self) -> None:
+        self.role.release()
+
     def bits(self) -> dict:
         return {k: v.detach().reshape(-1).view(torch.uint8).clone() for k, v in self.role._followed.state_dict().items()}
 
@@ -143,3 +146,54 @@ def test_a_version_a_follower_still_uses_outlives_the_store_dropping_it(ray_clus
     del filler
     ray.kill(follower)
     ray.kill(store)
+
+
+def test_on_policy_release_holds_one_version_while_the_next_is_written(ray_cluster):
+    """Policy lag 0: the follower lets go after its task and the learner releases the store's version
+    before it writes the next, so the object store never holds two versions; `latest` waits meanwhile.
+    (Byte counts are compared as drops and rises around each call: objects of earlier tests may still be
+    being freed, which only lowers the count.)"""
+    import time
+
+    from pipeline.weightsync import nbytes_of
+
+    ray = ray_cluster
+    store = ray.remote(WeightStore).remote()
+    follower = ray.remote(_Follower).remote(store, 0)
+    first = _published_state(20)
+    version_bytes = 2 * nbytes_of(first)  # student and critic slots
+    _publish(ray, store, 0, first)
+    assert ray.get(follower.pull.remote()) == 0
+    held = _store_bytes(ray)
+    ray.get(follower.release.remote())
+    ray.get(store.release.remote())
+    deadline = time.monotonic() + 10
+    while held - _store_bytes(ray) < version_bytes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    released = _store_bytes(ray)
+    assert held - released >= version_bytes, "the released version is still in the object store"
+    waiting = store.latest.remote()
+    assert not ray.wait([waiting], timeout=0.3)[0], "latest must wait while nothing is held"
+    state = _published_state(21)
+    _publish(ray, store, 1, state)
+    assert ray.get(waiting, timeout=10)[0] == 1
+    assert _store_bytes(ray) - released <= 1.05 * version_bytes
+    assert ray.get(follower.pull.remote()) == 1
+    got = ray.get(follower.bits.remote())
+    assert all(torch.equal(got[k], b) for k, b in _bits(state).items())
+    ray.kill(follower)
+    ray.kill(store)
+
+
+def test_buckets_packed_through_one_scratch_bucket_arrive_intact(ray_cluster):
+    """`pack(..., sink=ray.put, scratch=)` overwrites one buffer bucket after bucket: `ray.put` must have
+    copied each before the next is written (small buckets force several through one scratch)."""
+    from pipeline.weightsync import pack, scratch_bucket
+
+    ray = ray_cluster
+    state = _published_state(30)
+    scratch = scratch_bucket(1 << 16)
+    packed = pack(state, bucket_bytes=1 << 16, sink=ray.put, scratch=scratch)
+    assert len(packed.buckets) > 3
+    got = unpack(packed.with_buckets(ray.get(packed.buckets)))
+    assert all(torch.equal(a, b) for a, b in zip(_bits(got).values(), _bits(state).values()))
