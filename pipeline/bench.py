@@ -321,12 +321,12 @@ def synced_states(cfg, student: torch.nn.Module, teacher: torch.nn.Module) -> li
     their adapters (built as the learners build them)."""
     import copy
 
-    from pipeline import reference
+    from pipeline import steps
     from pipeline.flowmap import lora
 
-    if reference.lora_of(cfg.stage2) is None:
+    if steps.lora_of(cfg.stage2) is None:
         return [student.state_dict(), teacher.state_dict()]
-    return [lora.adapter_state_dict(reference.with_adapters(cfg, "stage2", name, copy.deepcopy(net)))
+    return [lora.adapter_state_dict(steps.with_adapters(cfg, "stage2", name, copy.deepcopy(net)))
             for name, net in (("student", student), ("critic", teacher))]
 
 
@@ -356,7 +356,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
 
 
 def _bench_pipeline(args: argparse.Namespace, out: Path) -> dict:
-    from pipeline import reference
+    from pipeline import steps
     from pipeline.data.schema import read_null_embed, read_split
     from pipeline.flowmap import models
     from pipeline.stages import prepare_data
@@ -366,7 +366,7 @@ def _bench_pipeline(args: argparse.Namespace, out: Path) -> dict:
     data_dir = prepare_data(cfg)
     teacher = models.build_teacher(cfg.model.size, seed=cfg.model.init_seed)
     student = models.student_from_teacher(teacher)
-    data = reference.TrainData.from_dataset(read_split(data_dir, "train"), read_null_embed(data_dir))
+    data = steps.TrainData.from_dataset(read_split(data_dir, "train"), read_null_embed(data_dir))
     load = [os.getloadavg()[0]]
     ray_init_s = _start_ray()
     ref, runs = [], []
