@@ -210,11 +210,14 @@ class TreeMemoryPoller(threading.Thread):
                 pass
         return total
 
+    def sample(self) -> None:
+        self.peak = max(self.peak, self.tree_pss())
+        self.samples += 1
+
     def run(self) -> None:
         while not self._halt.wait(self.interval_s):
             if self.active:
-                self.peak = max(self.peak, self.tree_pss())
-                self.samples += 1
+                self.sample()
 
     def stop(self) -> None:
         self._halt.set()
@@ -297,6 +300,7 @@ def run_full(ray, args, poller: TreeMemoryPoller, states: list[dict], copies: li
         poller.active = True
         runs.append(sync_once(ray, store, follower, r, states, args.lag, scratch))
         poller.active = False
+        poller.sample()  # at least one sample per sync, however short (the new version is still held)
         if legacy:
             legacy_s.append(legacy_sync_once(ray, old_store, old_follower, r, states))
         _say(f"repeat {r}/{args.repeats}: sync {runs[-1]['sync_s']:.3f} s (publish {runs[-1]['publish_s']:.3f}, "
@@ -404,7 +408,7 @@ def bench(args: argparse.Namespace) -> dict:
     return {"bench": "weight_sync", "model_size": args.size if isinstance(args.size, str) else json.dumps(args.size),
             "dtype": args.dtype, "repeats": args.repeats, "policy_lag": args.lag, **full,
             "peak_rss_bytes": poller.peak, "peak_over_bytes": poller.peak / full["bytes"],
-            "peak_rss_method": f"sum of PSS over this process and all descendants, every {POLL_S} s during syncs "
+            "peak_rss_method": f"sum of PSS over this process and all descendants, every {POLL_S} s during syncs and once after each "
                                f"({poller.samples} samples)",
             "object_store_memory_bytes": store_bytes, "torch_threads": torch.get_num_threads(),
             "lora_bytes": {str(r): f["bytes"] for r, f in lora.items()},
