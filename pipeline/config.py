@@ -100,7 +100,7 @@ class ModelConfig:
     causal: bool = False
     """causal AnyFlow-FAR students (chunk by chunk, model.far): stage 1 teacher-forced, stage 2 and the
     consistency baseline on-policy through the student's own KV cache; the teacher and critic stay
-    bidirectional; only with ray.backend=reference so far (docs/far.md)"""
+    bidirectional (docs/far.md)"""
     far: FarConfig = field(default_factory=FarConfig)
     """the causal (FAR) settings, used when `causal` is true"""
 
@@ -396,8 +396,6 @@ def _check_far(cfg: Config) -> None:
     for name in ("stage2", "consistency"):
         _require(getattr(cfg, name).lora_rank == 0, f"{name}.lora_rank",
                  "LoRA is not supported with model.causal yet: set it to 0")
-    _require(cfg.ray.backend == "reference", "ray.backend",
-             "the causal (model.causal) stages run only in the one-process reference so far: set ray.backend=reference")
 
 
 def _check_ray(cfg: Config) -> None:

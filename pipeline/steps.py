@@ -25,7 +25,9 @@ import torch
 from pipeline.config import Config, Stage2Config
 from pipeline.data.schema import LatentDataset
 from pipeline.flowmap import draws, far, lora, losses
-from pipeline.flowmap.models import StudentFn
+from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
+
+from pipeline.flowmap.models import StudentFn, student_arch
 from pipeline.flowmap.schedule import PairFractions
 from pipeline.flowmap.simulate import GradCalls, backward_simulate, consistency_backward_simulate
 
@@ -183,6 +185,40 @@ def far_student_from(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
     f = cfg.model.far
     return prepared(cfg, far.far_from_bidirectional(model, f.chunk_partition, f.full_chunk_limit,
                                                     f.compressed_patch_size))
+
+
+def student_config(cfg: Config, teacher_config: dict) -> dict:
+    """The constructor arguments of the run's student from its teacher's config: AnyFlow, or with
+    model.causal AnyFlow-FAR (the same plus the chunk partition, limit and compressed patch)."""
+    arch = student_arch(teacher_config)
+    if not cfg.model.causal:
+        return arch
+    f = cfg.model.far
+    return {**arch, "chunk_partition": list(f.chunk_partition), "full_chunk_limit": f.full_chunk_limit,
+            "compressed_patch_size": list(f.compressed_patch_size)}
+
+
+def build_student(cfg: Config, config: dict, state: dict | None = None) -> torch.nn.Module:
+    """A student of `config` (a `student_config`, or a student's `dict(model.config)`: AnyFlow-FAR when it has
+    a `full_chunk_limit`), with `state` loaded, `prepared` (how the Ray roles build their students)."""
+    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    cls = AnyFlowFARTransformer3DModel if "full_chunk_limit" in config else AnyFlowTransformer3DModel
+    model = cls.from_config(config)
+    if state is not None:
+        model.load_state_dict(state)
+    return prepared(cfg, model) if cls is AnyFlowFARTransformer3DModel else model
+
+
+def student_fn(cfg: Config, model: torch.nn.Module):
+    """A `FlowMapFn` through `model` on a whole clip (B, F, ...) (a learner's priming forward): the model
+    itself, or for a causal student its first chunk, with no context."""
+    if not cfg.model.causal:
+        return StudentFn(model)
+    first = cfg.model.far.chunk_partition[:1]
+
+    def fn(z, t, r, cond):
+        return far.ChunkFn(model, far.empty_cache(model, z), first)(z[:, :first[0]], t, r, cond)
+    return fn
 
 
 def num_chunks_of(cfg: Config, stage: str, step: int) -> int:

@@ -91,6 +91,14 @@ def far_from_bidirectional(model: torch.nn.Module, chunk_partition, full_chunk_l
     return far if model.dtype == torch.float32 else far.to(model.dtype)
 
 
+def net(model) -> AnyFlowFARTransformer3DModel:
+    """The diffusers model behind `model`: itself, or the module a wrapper holds (a DeepSpeed engine's
+    `.module`, whose own `.config` is DeepSpeed's). Every function here reads the architecture from
+    `net(model)` and calls `model` itself, so a learner can pass its engine."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 # --- attention ------------------------------------------------------------------------------
 
 def pad_keys(num_queries: int) -> int:
@@ -165,12 +173,12 @@ def set_far_attention(model: AnyFlowFARTransformer3DModel, backend: str = "dense
             return DenseFarAttnProcessor(pad)
     else:
         raise ValueError(f"unknown FAR attention backend {backend!r}; choose 'dense' or 'flex'")
-    for block in model.blocks:
+    for block in net(model).blocks:
         block.attn1.set_processor(make())
 
 
 def _processor(model):
-    return model.blocks[0].attn1.processor
+    return net(model).blocks[0].attn1.processor
 
 
 def pad_form(model) -> str:
@@ -199,7 +207,7 @@ class FarLayout:
     def of(cls, model, chunk_partition, height: int, width: int, mode: str) -> "FarLayout":
         """`mode`: 'train' (the newest `full_chunk_limit` chunks at full resolution) or 'cache'
         (the newest `full_chunk_limit - 1`, since the next chunk will join them)."""
-        cfg = model.config
+        cfg = net(model).config
         threshold = cfg.full_chunk_limit - (1 if mode == "cache" else 0)
         n = len(chunk_partition)
         full = (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
@@ -264,10 +272,10 @@ class FarCache:
 
 def empty_cache(model, like: torch.Tensor) -> FarCache:
     """The cache before the first chunk: no tokens (batch and device of `like`, the model's dtype)."""
-    shape = (2, like.shape[0], model.config.num_attention_heads, 0, model.config.attention_head_dim)
+    shape = (2, like.shape[0], net(model).config.num_attention_heads, 0, net(model).config.attention_head_dim)
     dtype = next(model.parameters()).dtype
     return FarCache([{name: like.new_zeros(shape, dtype=dtype) for name in ("compressed_cache", "full_cache")}
-                     for _ in model.blocks], 0)
+                     for _ in net(model).blocks], 0)
 
 
 def write_cache(model, prefix: torch.Tensor, chunk_partition, cond: torch.Tensor) -> FarCache:
@@ -278,13 +286,13 @@ def write_cache(model, prefix: torch.Tensor, chunk_partition, cond: torch.Tensor
     n_comp = sum(chunk_partition[:layout.num_compressed_chunks]) * layout.compressed_tokens_per_frame
     n_full = sum(chunk_partition[layout.num_compressed_chunks:]) * layout.full_tokens_per_frame
     if uses_flex(model):  # diffusers' processor writes into preallocated buffers, so allocate new ones
-        heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
+        heads, dim = net(model).config.num_attention_heads, net(model).config.attention_head_dim
         layers = [{"compressed_cache": prefix.new_zeros(2, b, heads, n_comp, dim),
-                   "full_cache": prefix.new_zeros(2, b, heads, n_full, dim)} for _ in model.blocks]
-        mask = model.build_attention_mask(chunk_partition=list(chunk_partition), height=h, width=w,
+                   "full_cache": prefix.new_zeros(2, b, heads, n_full, dim)} for _ in net(model).blocks]
+        mask = net(model).build_attention_mask(chunk_partition=list(chunk_partition), height=h, width=w,
                                           device=prefix.device, mode="cache")
     else:
-        layers = [{} for _ in model.blocks]
+        layers = [{} for _ in net(model).blocks]
         mask = far_dense_mask(layout, has_clean=False, pad="none", device=prefix.device)
     zero = torch.zeros(b, f, device=prefix.device)
     flag = {"num_cached_chunks": len(chunk_partition) - 1, "is_cache_step": True}
@@ -324,7 +332,7 @@ def chunk_bounds(chunk_partition) -> list[tuple[int, int]]:
 
 
 def _check_video(model, noise: torch.Tensor, chunk_partition) -> list:
-    cp = list(chunk_partition if chunk_partition is not None else model.config.chunk_partition)
+    cp = list(chunk_partition if chunk_partition is not None else net(model).config.chunk_partition)
     if noise.ndim != 5 or noise.shape[1] != sum(cp):
         raise ValueError(f"latents (B, F, C, H, W) must have F = sum(chunk_partition) = {sum(cp)}, "
                          f"got shape {tuple(noise.shape)}")
