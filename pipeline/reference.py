@@ -51,6 +51,7 @@ class Trainee:
         ok = self.guard.check(loss, **batch)
         if ok:
             loss.backward()
+            _zero_unused_grads(self.model)
             norm = clip_grads(self.model, self.cfg.grad_clip)
             ok = self.guard.check_grad_norm(norm)
             if ok:
@@ -61,6 +62,16 @@ class Trainee:
         self.step = step + 1
         self.guard.record(step, ok)
         return norm
+
+
+def _zero_unused_grads(model: torch.nn.Module) -> None:
+    """A zero gradient for every trainable parameter the loss did not reach (a causal student's
+    far_patch_embedding in a step without compressed context), as DeepSpeed has it: AdamW then decays its
+    moments and counts the step for it too, instead of skipping it (its bias correction would otherwise
+    differ from the learners', by up to sqrt(2) lr in the next update)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def _guard(cfg: Config, stage: str, critic: bool = False) -> StepGuard:
