@@ -98,7 +98,7 @@ def test_a_finished_causal_run_loads_its_models_and_refuses_other_far_settings(f
     ("model.far.chunk_partition=[2, 2]", "model.far.chunk_partition"),
     ("model.far.compressed_patch_size=[1, 3, 3]", "model.far.compressed_patch_size"),
     ("model.far.long_context_ratio=2", "model.far.long_context_ratio"),
-    ("ray.backend=ray", "ray.backend"),
+    ("stage2.lora_rank=4", "stage2.lora_rank"),
 ])
 def test_bad_causal_settings_exit_2_with_one_line(tmp_path, capsys, override, key):
     rc = main(["--config", "toy-far", *TINY_FAR, f"run.output_dir={tmp_path}", "run.name=bad", override])

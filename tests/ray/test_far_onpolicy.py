@@ -64,3 +64,32 @@ def test_far_stage2_lag0_matches_the_reference(ray_cluster, tiny_world, far_nets
         theirs = theirs.state_dict()
         for key, value in mine.state_dict().items():
             assert (value - theirs[key]).abs().max() <= 1e-5, key
+
+
+def test_far_stage1_and_causal_consistency_in_one_session_match_the_reference(ray_cluster, tiny_world):
+    """Teacher-forced stage 1 on the learner group (the number of chunks drawn alike on every rank), then the
+    causal consistency baseline on the fleet, against the reference's stage 1 and consistency."""
+    _, data_dir, teacher, _ = tiny_world
+    cfg = _config(tiny_world, "far-session", "ray.learners=2", "stage1.steps=6", "stage1.batch_size=4",
+                  "stage1.optim.warmup=2", "consistency.steps=4", "consistency.batch_size=4",
+                  "consistency.num_steps_choices=[2, 3]")
+    data = reference.TrainData.from_dataset(read_split(data_dir, "train"), read_null_embed(data_dir))
+    want = {"stage1": [], "consistency": []}
+    torch.set_num_threads(1)
+    log = lambda s, i, f: want[s].append(f)  # noqa: E731
+    ref_stage1 = reference.train_stage1(cfg, teacher, data, log)
+    ref_consistency, _ = reference.train_stage2(cfg, "consistency", ref_stage1, teacher, data, log)
+    got = {"stage1": [], "consistency": []}
+    out = distributed.train_session(cfg, ["stage1", "consistency"], {"teacher": teacher}, data_dir,
+                                    lambda s, i, f: got[s].append(f))
+    keys = {"stage1": ("loss/stage1", "far/num_chunks"), "consistency": COMPARED}
+    for stage, compared in keys.items():
+        assert len(got[stage]) == len(want[stage]) > 0
+        for step, (g, w) in enumerate(zip(got[stage], want[stage])):
+            for k in compared:
+                assert abs(g[k] - w[k]) <= 1e-5 * max(abs(w[k]), 1e-12), (stage, step, k, g[k], w[k])
+    assert {f["far/num_chunks"] for f in got["stage1"]} == {2, 3}
+    for name, ref in (("student_stage1", ref_stage1), ("consistency", ref_consistency)):
+        ref = ref.state_dict()
+        for key, value in out.nets[name].state_dict().items():
+            assert (value - ref[key]).abs().max() <= 1e-5, (name, key)
