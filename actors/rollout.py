@@ -26,12 +26,10 @@ import time
 
 import ray
 import torch
-from diffusers import AnyFlowTransformer3DModel
 
 from pipeline import steps, weightsync
 from pipeline.config import Config
 from pipeline.flowmap import lora
-from pipeline.flowmap.models import StudentFn
 from pipeline.steps import PromptRows, draws_to
 
 
@@ -156,12 +154,16 @@ class RolloutWorker(WeightFollower):
         torch.set_num_threads(max(1, threads))
         self.cfg, self.store, self.latent_shape = cfg, store, tuple(latent_shape)
         self.device = device_for(gpus)
-        student = adapted(cfg, stage, "student", AnyFlowTransformer3DModel.from_config(student_config), base_state)
+        student = adapted(cfg, stage, "student", steps.build_student(cfg, student_config), base_state)
         self.student = student.to(self.device).eval().requires_grad_(False)
-        self.u_fn = CallCounter(StudentFn(self.student))
+        self.calls = 0  # student forward calls (a causal student's cache writes included)
+        self.student.register_forward_pre_hook(self._count)
         self.prompts = PromptRows(prompt_embeds.to(self.device), null_embed.to(self.device))
         self.num_rows = len(prompt_embeds)
         self._follow(self.student, slot=0)
+
+    def _count(self, *_):
+        self.calls += 1
 
     @torch.no_grad()
     def rollout(self, step: int, stage: str, num_learners: int) -> list:
@@ -173,17 +175,17 @@ class RolloutWorker(WeightFollower):
         # 1. the step's draws, identical to the reference's
         gen, crit, _ = steps.stage2_draws(self.cfg, stage, step, self.num_rows, self.latent_shape)
         # 2. backward simulation without gradient: generator rollouts, then the critic's
-        self.u_fn.calls = 0
-        x_old = steps.rollout(self.u_fn, self.prompts, draws_to(gen, self.device), self.cfg.model.shift,
-                              consistency, calls)
-        nfe = self.u_fn.calls
-        x_crit = steps.rollout(self.u_fn, self.prompts, draws_to(crit, self.device), self.cfg.model.shift,
-                               consistency, calls)
+        self.calls = 0
+        x_old = steps.student_rollout(self.cfg, self.student, self.prompts, draws_to(gen, self.device), consistency,
+                                      calls)
+        nfe = self.calls
+        x_crit = steps.student_rollout(self.cfg, self.student, self.prompts, draws_to(crit, self.device), consistency,
+                                       calls)
         # 3. one compact slice per learner rank, tagged with the student version that made it
         meta = {"step": step, "num_steps": gen.num_steps, "k": gen.k, "student_version": self.version,
                 "created": time.time(), "rollout_seconds": time.perf_counter() - t0, "pull_seconds": pull_s,
                 "rows": x_old.shape[0], "bytes": steps.nbytes(x_old, x_crit),
-                "nfe": nfe, "nfe_critic": self.u_fn.calls - nfe, "threads": torch.get_num_threads(),
+                "nfe": nfe, "nfe_critic": self.calls - nfe, "threads": torch.get_num_threads(),
                 "restarted": self._restarted()}
         olds, crits = steps.split_rows(x_old, num_learners), steps.split_rows(x_crit, num_learners)
         version = meta["student_version"]

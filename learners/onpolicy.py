@@ -45,7 +45,7 @@ from pipeline.config import Config
 from pipeline.data.schema import LatentDataset, batch_to_tensors, read_meta, shard_paths
 from pipeline.flowmap import lora, losses
 from pipeline.flowmap.draws import slice_rows
-from pipeline.flowmap.models import StudentFn, VelocityFn
+from pipeline.flowmap.models import VelocityFn
 from pipeline import metrics as M
 from pipeline.guard import StepGuard
 from pipeline.steps import draws_to
@@ -79,11 +79,10 @@ class Nets:
     """Builds the session's networks from their diffusers configs (a configured teacher folder may
     differ from the `model.size` preset, so the configs travel, not the size name)."""
 
-    def __init__(self, teacher_config: dict):
-        from pipeline.flowmap.models import student_arch
-
+    def __init__(self, teacher_config: dict, cfg: Config):
+        self.cfg = cfg
         self.teacher_config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
-        self.student_config = student_arch(self.teacher_config)
+        self.student_config = steps.student_config(cfg, self.teacher_config)
 
     def teacher(self, state: dict | None = None) -> torch.nn.Module:
         from diffusers import WanTransformer3DModel
@@ -91,9 +90,8 @@ class Nets:
         return self._load(WanTransformer3DModel(**self.teacher_config), state)
 
     def student(self, state: dict | None = None) -> torch.nn.Module:
-        from diffusers import AnyFlowTransformer3DModel
-
-        return self._load(AnyFlowTransformer3DModel(**self.student_config), state)
+        """AnyFlow, or AnyFlow-FAR with model.causal (`steps.build_student`)."""
+        return steps.build_student(self.cfg, self.student_config, state)
 
     @staticmethod
     def _load(model: torch.nn.Module, state: dict | None) -> torch.nn.Module:
@@ -156,7 +154,7 @@ class OnPolicyLearner:
         self.critic, _ = ds.wrap(critic, self.c.critic_optim, self.zero, micro, keep_ema=False, lora=settings,
                                  lora_init=gen)
         self.lora = settings is not None
-        self.u_fn, self.c_fn = StudentFn(self.student), VelocityFn(self.critic)
+        self.u_fn, self.c_fn = steps.student_fn(cfg, self.student), VelocityFn(self.critic)
         self.settings, self.calls = steps.stage1_settings(cfg), steps.grad_calls_of(self.c)
         self.rows = steps.rank_rows(self.c.batch_size, world, rank)
         self._publishing = None
@@ -197,12 +195,12 @@ class OnPolicyLearner:
         gen, crit, co = steps.stage2_draws(cfg, stage, step, len(data.latents), data.latent_shape)
         gen, crit, co = (draws_to(slice_rows(d, *self.rows), self.device) for d in (gen, crit, co))
         # 2. generator forward: differentiable rollout from the step's noise, N, k; co-training loss
-        x_theta = steps.rollout(self.u_fn, data, gen, cfg.model.shift, stage == "consistency", self.calls)
+        x_theta = steps.student_rollout(cfg, self.student, data, gen, stage == "consistency", self.calls)
         loss_co = torch.zeros(())
         if c.cotrain_weight > 0:
             x, cond_co = data.batch(co.index, co.drop)
-            loss_co, _ = losses.forward_flowmap_loss(self.u_fn, x, cond_co, data.null_embed, co.t, co.r, co.eps,
-                                                     self.settings, all_reduce=_sum_over_ranks)
+            loss_co, _ = steps.student_loss(cfg, self.student, x, cond_co, data.null_embed, co, stage, step,
+                                            all_reduce=_sum_over_ranks)
         # 3. this rank's slices of the step's rollout and target (waits for the rollout side)
         t_wait = time.perf_counter()
         traj = self._take(step)

@@ -39,10 +39,11 @@ import torch.distributed as dist
 from learners import checkpoint
 from learners.onpolicy import Nets, OnDevice, OnPolicyLearner, _sum_over_ranks, guarded_step, train_split_of
 from pipeline import metrics as M
+from pipeline import steps
 from pipeline.config import Config
 from pipeline.flowmap import losses
 from pipeline.flowmap.draws import slice_rows
-from pipeline.flowmap.models import StudentFn, VelocityFn, student_from_teacher
+from pipeline.flowmap.models import VelocityFn, student_from_teacher
 from pipeline.guard import StepGuard
 from pipeline.steps import draws_to, rank_rows, stage1_settings, supervised_draws
 
@@ -97,18 +98,18 @@ class SupervisedLearner:
         cfg = s.cfg
         self.c = getattr(cfg, stage)
         self.zero = cfg.ray.zero_stage
-        nets = Nets(s.teacher_config)
+        nets = Nets(s.teacher_config, cfg)
         if stage == "teacher":
             torch.manual_seed(cfg.model.init_seed)  # the reference's initialisation (models.build_teacher)
             model = nets.teacher()
             self.fn = None
         else:
             teacher = nets.teacher(ray.get(ray.get(s.hub.net.remote("teacher"))[0]))
-            model = student_from_teacher(teacher)
+            model = steps.far_student_from(cfg, teacher) if cfg.model.causal else student_from_teacher(teacher)
         model = model.to(device)
         self.engine, self.ema = ds.wrap(model, self.c.optim, self.zero, self.c.batch_size // world,
                                         keep_ema=rank == 0)
-        self.fn = VelocityFn(self.engine) if stage == "teacher" else StudentFn(self.engine)
+        self.fn = VelocityFn(self.engine) if stage == "teacher" else steps.student_fn(cfg, self.engine)
         self.settings = stage1_settings(cfg)
         self.rows = rank_rows(self.c.batch_size, world, rank)
         self.guard = StepGuard(stage, cfg.run.max_bad_steps)
@@ -129,8 +130,8 @@ class SupervisedLearner:
             loss = losses.flow_matching_loss(self.fn, x, cond, d.t, d.eps)
             extra = torch.zeros(2)
         else:
-            loss, figs = losses.forward_flowmap_loss(self.fn, x, cond, self.data.null_embed, d.t, d.r, d.eps,
-                                                     self.settings, all_reduce=_sum_over_ranks)
+            loss, figs = steps.student_loss(cfg, self.engine, x, cond, self.data.null_embed, d, self.stage, step,
+                                            all_reduce=_sum_over_ranks)
             extra = torch.tensor([figs["loss_diag"], figs["loss_free"]], dtype=torch.float32)
         self.guard.check(loss, x=x, cond=cond)
         ok = guarded_step(self.engine, loss, self.guard)
@@ -146,6 +147,8 @@ class SupervisedLearner:
         else:
             figures = {M.LOSS_STAGE1: float(means[0]), M.LOSS_STAGE1_DIAG: float(means[1]),
                        M.LOSS_STAGE1_FREE: float(means[2]), M.GRAD_NORM_STUDENT: norm}
+            if "num_chunks" in figs:  # causal: the step's number of chunks, the same on every rank
+                figures[M.FAR_NUM_CHUNKS] = figs["num_chunks"]
         figures[M.LEARNER_SECONDS] = time.perf_counter() - t0
         return {**figures, **guard_figures}
 
@@ -244,7 +247,7 @@ def run_onpolicy(s: SessionSetup, stage: str, data: OnDevice, rank: int, world: 
                  ckpt: Checkpointer) -> None:
     store, buffer = ray.get(s.hub.stage_handles.remote(stage))
     student_state, critic_state = ray.get([ray.get(s.hub.net.remote(n))[0] for n in ("student_stage1", "teacher")])
-    learner = OnPolicyLearner(s.cfg, stage, data, rank, world, device, store, buffer, Nets(s.teacher_config),
+    learner = OnPolicyLearner(s.cfg, stage, data, rank, world, device, store, buffer, Nets(s.teacher_config, s.cfg),
                               student_state, critic_state)
     del student_state, critic_state
     start = _resume(s, learner, resume, rank)

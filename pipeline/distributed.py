@@ -199,10 +199,10 @@ class SessionResult:
     workers and DeepSpeed; for an on-policy first stage also its fleet)"""
 
 
-def _module(like_name: str, teacher_config: dict, state: dict) -> torch.nn.Module:
+def _module(cfg: Config, like_name: str, teacher_config: dict, state: dict) -> torch.nn.Module:
     from learners.onpolicy import Nets
 
-    nets = Nets(teacher_config)
+    nets = Nets(teacher_config, cfg)
     model = nets.teacher(state) if like_name == "teacher" or like_name.startswith("critic_") else nets.student(state)
     return model.eval().requires_grad_(False)
 
@@ -280,7 +280,7 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
                     fleet.kill()
             refs = _result(stage, hub, fit)
             for name, ref in refs.items():
-                module = _module(name, teacher_config, ray.get(ref[0]))
+                module = _module(cfg, name, teacher_config, ray.get(ref[0]))
                 out.nets[name] = module
                 if on_result:
                     on_result(name, module)

@@ -456,8 +456,44 @@ def _check_value(value: Any, where: str) -> float | None:
     return float(value)
 
 
-def eval_json(steps: list[int], metrics: Mapping[str, Mapping[str, list[float | None]]]) -> dict:
-    """The ``eval.json`` dict ``{"steps": [...], "models": {NAME: {METRIC: [one value per step]}}}``.
+FD_PER_CHUNK = "fd_per_chunk"
+"""Optional key of eval.json for causal (chunk-by-chunk) runs: ``{"chunk_partition": [frames per chunk],
+"models": {NAME: [[fd of chunk 0, chunk 1, ...] one list per step]}}``, each chunk's frames against the
+same frames of the held-out clips (early against late chunks: where exposure bias shows)."""
+
+
+def fd_per_chunk(chunk_partition: list[int], models: Mapping[str, list[list[float | None]]]) -> dict:
+    """The :data:`FD_PER_CHUNK` entry (checked against the steps by :func:`eval_json`)."""
+    return {"chunk_partition": [int(c) for c in chunk_partition],
+            "models": {name: [list(per_step) for per_step in values] for name, values in models.items()}}
+
+
+def _check_per_chunk(entry: Any, steps: list[int]) -> dict:
+    if not isinstance(entry, Mapping) or set(entry) != {"chunk_partition", "models"}:
+        raise ValueError(f"{FD_PER_CHUNK} must be a dict with keys 'chunk_partition' and 'models', got {entry!r:.200}")
+    cp = entry["chunk_partition"]
+    if (not isinstance(cp, (list, tuple)) or not cp
+            or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1 for c in cp)):
+        raise ValueError(f"{FD_PER_CHUNK}.chunk_partition must be a non-empty list of ints >= 1, got {cp!r}")
+    if not isinstance(entry["models"], Mapping):
+        raise ValueError(f"{FD_PER_CHUNK}.models must be a dict {{model: [[fd per chunk] per step]}}")
+    models = {}
+    for name, values in entry["models"].items():
+        if not isinstance(values, (list, tuple)) or len(values) != len(steps):
+            raise ValueError(f"{FD_PER_CHUNK}.models[{name!r}] must hold one list per step {steps}, got {values!r:.200}")
+        models[name] = []
+        for i, row in enumerate(values):
+            if not isinstance(row, (list, tuple)) or len(row) != len(cp):
+                raise ValueError(f"{FD_PER_CHUNK}.models[{name!r}][{i}] must hold one fd per chunk ({len(cp)}), "
+                                 f"got {row!r:.200}")
+            models[name].append([_check_value(v, f"{FD_PER_CHUNK}.models[{name!r}][{i}]") for v in row])
+    return {"chunk_partition": [int(c) for c in cp], "models": models}
+
+
+def eval_json(steps: list[int], metrics: Mapping[str, Mapping[str, list[float | None]]],
+              per_chunk: Mapping | None = None) -> dict:
+    """The ``eval.json`` dict ``{"steps": [...], "models": {NAME: {METRIC: [one value per step]}}}``,
+    plus ``fd_per_chunk`` (:data:`FD_PER_CHUNK`) when `per_chunk` is given (causal runs).
 
     ``steps``: distinct ints >= 1, increasing. ``metrics[name][metric]``: one finite
     number (or None, not measured) per step; metric names among :data:`METRICS`.
@@ -486,13 +522,17 @@ def eval_json(steps: list[int], metrics: Mapping[str, Mapping[str, list[float | 
                                  f"(one per step {steps}), got {values!r}")
             models[name][metric] = [_check_value(v, f"models[{name!r}][{metric!r}][{i}] (steps={steps[i]})")
                                     for i, v in enumerate(values)]
-    return {"steps": steps, "models": models}
+    out = {"steps": steps, "models": models}
+    if per_chunk is not None:
+        out[FD_PER_CHUNK] = _check_per_chunk(per_chunk, steps)
+    return out
 
 
 def _validated(result: Mapping) -> dict:
-    if not isinstance(result, Mapping) or set(result) != {"steps", "models"}:
-        raise ValueError(f"an eval result is a dict with keys 'steps' and 'models', got {result!r:.200}")
-    return eval_json(result["steps"], result["models"])
+    if not isinstance(result, Mapping) or not {"steps", "models"} <= set(result) <= {"steps", "models", FD_PER_CHUNK}:
+        raise ValueError(f"an eval result is a dict with keys 'steps' and 'models' (and, for a causal run, "
+                         f"{FD_PER_CHUNK!r}), got {result!r:.200}")
+    return eval_json(result["steps"], result["models"], result.get(FD_PER_CHUNK))
 
 
 def read_eval(path: str | Path) -> dict:
@@ -520,6 +560,10 @@ def format_table(result: Mapping) -> str:
     header = ["model", "metric"] + [str(s) for s in result["steps"]]
     rows = [[name, metric] + ["-" if v is None else f"{v:.4g}" for v in values]
             for name, per_metric in _ordered(result["models"]) for metric, values in _ordered_metrics(per_metric)]
+    if FD_PER_CHUNK in result:  # causal runs: fd of each chunk position, one row per model and chunk
+        rows += [[name, f"fd chunk {c}"] + ["-" if per_step[c] is None else f"{per_step[c]:.4g}" for per_step in values]
+                 for name, values in _ordered(result[FD_PER_CHUNK]["models"])
+                 for c in range(len(result[FD_PER_CHUNK]["chunk_partition"]))]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [header] + rows]

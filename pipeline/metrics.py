@@ -28,6 +28,8 @@ DMD_PREFIX = "dmd/"
 """DMD diagnostics (`dmd/<name>`, from losses.dmd_generator_loss / the scorer)"""
 ROLLOUT_NUM_STEPS = "rollout/num_steps"
 ROLLOUT_K = "rollout/k"
+FAR_NUM_CHUNKS = "far/num_chunks"
+"""chunks kept by a causal (FAR) stage-1 batch (model.causal)"""
 ROLLOUT_NFE = "rollout/nfe"
 """student network calls per trajectory of a rollout actor's backward simulation (its metadata's `nfe`)"""
 # pipeline figures (Ray)

@@ -21,11 +21,11 @@ import torch
 from pipeline import metrics as M
 from pipeline.config import Config, OptimConfig, Stage2Config
 from pipeline.flowmap import lora, losses, models
-from pipeline.flowmap.models import StudentFn, VelocityFn
+from pipeline.flowmap.models import VelocityFn
 from pipeline.flowmap.optim import EMA, clip_grads, optimizer_from
 from pipeline.guard import StepGuard
-from pipeline.steps import (Log, TrainData, grad_calls_of, lora_of, rollout, stage1_settings, stage2_draws,
-                            supervised_draws, with_adapters)
+from pipeline.steps import (Log, TrainData, far_student_from, grad_calls_of, lora_of, prepared, stage2_draws,
+                            student_loss, student_rollout, supervised_draws, with_adapters)
 
 
 class Trainee:
@@ -51,6 +51,7 @@ class Trainee:
         ok = self.guard.check(loss, **batch)
         if ok:
             loss.backward()
+            _zero_unused_grads(self.model)
             norm = clip_grads(self.model, self.cfg.grad_clip)
             ok = self.guard.check_grad_norm(norm)
             if ok:
@@ -61,6 +62,16 @@ class Trainee:
         self.step = step + 1
         self.guard.record(step, ok)
         return norm
+
+
+def _zero_unused_grads(model: torch.nn.Module) -> None:
+    """A zero gradient for every trainable parameter the loss did not reach (a causal student's
+    far_patch_embedding in a step without compressed context), as DeepSpeed has it: AdamW then decays its
+    moments and counts the step for it too, instead of skipping it (its bias correction would otherwise
+    differ from the learners', by up to sqrt(2) lr in the next update)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def _guard(cfg: Config, stage: str, critic: bool = False) -> StepGuard:
@@ -99,20 +110,22 @@ def train_teacher(cfg: Config, data: TrainData, log: Log) -> torch.nn.Module:
 
 
 def train_stage1(cfg: Config, teacher: torch.nn.Module, data: TrainData, log: Log) -> torch.nn.Module:
-    """Forward flow-map training of the converted student on data; returns its EMA weights."""
+    """Forward flow-map training of the converted student on data; returns its EMA weights. With
+    model.causal the student is the FAR model converted from the teacher, trained teacher-forced."""
     c = cfg.stage1
-    trainee = Trainee(models.student_from_teacher(teacher), c.optim, _guard(cfg, "stage1"))
-    u_fn, settings = StudentFn(trainee.model), stage1_settings(cfg)
+    student = far_student_from(cfg, teacher) if cfg.model.causal else models.student_from_teacher(teacher)
+    trainee = Trainee(student, c.optim, _guard(cfg, "stage1"))
     for step in range(c.steps):
         t0 = time.perf_counter()
-        # 1. draws: rows, (t, r) pairs partitioned by index, noise, prompt dropout
+        # 1. draws: rows, (t, r) pairs partitioned by index, noise, prompt dropout (causal: number of chunks)
         d = supervised_draws(cfg, "stage1", step, len(data.latents), data.latent_shape)
         x, cond = data.batch(d.index, d.drop)
         # 2. MeanFlow target with guidance fusion, weighting, rescaling; update
-        loss, figs = losses.forward_flowmap_loss(u_fn, x, cond, data.null_embed, d.t, d.r, d.eps, settings)
+        loss, figs = student_loss(cfg, trainee.model, x, cond, data.null_embed, d, "stage1", step)
         norm = trainee.apply(loss, step, x=x, cond=cond)
+        extra = {M.FAR_NUM_CHUNKS: figs["num_chunks"]} if "num_chunks" in figs else {}
         _timed(log, "stage1", step, {M.LOSS_STAGE1: loss.item(), M.LOSS_STAGE1_DIAG: figs["loss_diag"],
-                                     M.LOSS_STAGE1_FREE: figs["loss_free"], M.GRAD_NORM_STUDENT: norm,
+                                     M.LOSS_STAGE1_FREE: figs["loss_free"], M.GRAD_NORM_STUDENT: norm, **extra,
                                      **trainee.guard.figures()}, t0)
     return trainee.ema.model
 
@@ -129,21 +142,22 @@ def train_stage2(cfg: Config, stage: str, student: torch.nn.Module, teacher: tor
     """
     c: Stage2Config = getattr(cfg, stage)
     consistency = stage == "consistency"
-    gen_t = Trainee(with_adapters(cfg, stage, "student", copy.deepcopy(student)), c.optim, _guard(cfg, stage))
+    gen_t = Trainee(with_adapters(cfg, stage, "student", prepared(cfg, copy.deepcopy(student))), c.optim,
+                    _guard(cfg, stage))
     critic_t = Trainee(with_adapters(cfg, stage, "critic", copy.deepcopy(teacher)), c.critic_optim,
                        _guard(cfg, stage, critic=True))
     teacher = teacher.eval().requires_grad_(False)
-    u_fn, t_fn, c_fn = StudentFn(gen_t.model), VelocityFn(teacher), VelocityFn(critic_t.model)
-    settings, calls = stage1_settings(cfg), grad_calls_of(c)
+    t_fn, c_fn = VelocityFn(teacher), VelocityFn(critic_t.model)
+    calls = grad_calls_of(c)
     dmd = losses.DMDSettings(c.real_guidance, c.dmd_min_s, c.dmd_max_s, c.dmd_weight)
     for step in range(c.steps):
         t0 = time.perf_counter()
         gen, crit, co = stage2_draws(cfg, stage, step, len(data.latents), data.latent_shape)
         # 1. the critic's rollouts, by the student as it is at the start of the step
         with torch.no_grad():
-            x_crit = rollout(u_fn, data, crit, cfg.model.shift, consistency, calls)
+            x_crit = student_rollout(cfg, gen_t.model, data, crit, consistency, calls)
         # 2. generator: backward simulation with gradient, DMD against teacher and critic
-        x_hat = rollout(u_fn, data, gen, cfg.model.shift, consistency, calls)
+        x_hat = student_rollout(cfg, gen_t.model, data, gen, consistency, calls)
         _, cond = data.batch(gen.index)
         loss_dmd, figs = losses.dmd_generator_loss(x_hat, t_fn, c_fn, cond, data.null_embed, gen.s, gen.eps, dmd)
         # 3. co-training: the stage-1 loss on a real-data batch
@@ -152,7 +166,7 @@ def train_stage2(cfg: Config, stage: str, student: torch.nn.Module, teacher: tor
         x = cond_co = None
         if c.cotrain_weight > 0:
             x, cond_co = data.batch(co.index, co.drop)
-            loss_co, _ = losses.forward_flowmap_loss(u_fn, x, cond_co, data.null_embed, co.t, co.r, co.eps, settings)
+            loss_co, _ = student_loss(cfg, gen_t.model, x, cond_co, data.null_embed, co, stage, step)
             loss = loss + c.cotrain_weight * loss_co
         norm = gen_t.apply(loss, step, rollout=x_hat, cond=cond, x=x, cond_co=cond_co)
         # 4. critic: flow matching on the (detached) rollouts of step 1

@@ -124,9 +124,20 @@ def _fits(what: str, arch: dict, meta: dict, data_dir: Path, hint: str = "") -> 
 
 
 def check_data_fits_model(cfg: Config, data_dir: Path) -> None:
-    """Latent channels, prompt-embedding width and frame size of the dataset must fit the model."""
-    _fits(f"model.size={cfg.model.size}", models.arch_config(cfg.model.size), read_meta(data_dir), data_dir,
+    """Latent channels, prompt-embedding width and frame size of the dataset must fit the model (and, for a
+    causal run, the chunk partition and the compressed patch)."""
+    meta = read_meta(data_dir)
+    _fits(f"model.size={cfg.model.size}", models.arch_config(cfg.model.size), meta, data_dir,
           " (set data.toy.embed_dim)" if not cfg.data.path else "")
+    if cfg.model.causal:
+        frames, _, height, width = (int(v) for v in meta["latent_shape"])
+        cp, cps = cfg.model.far.chunk_partition, cfg.model.far.compressed_patch_size
+        if sum(cp) != frames:
+            raise InputError(f"model.far.chunk_partition: adds up to {sum(cp)} latent frames but the clips of "
+                             f"{data_dir} have {frames}")
+        if height % cps[1] or width % cps[2]:
+            raise InputError(f"model.far.compressed_patch_size: {cps} does not divide the {height}x{width} latents "
+                             f"of {data_dir}")
 
 
 def _done(folder: Path) -> bool:
@@ -177,15 +188,24 @@ def check_teacher_world(cfg: Config) -> None:
 def _load_checked(cfg: Config, run_dir: Path, key: str) -> torch.nn.Module:
     """Load the network `key` from its `_source`; any problem is an InputError naming the folder."""
     folder = _source(cfg, run_dir, key)
-    expect = "WanTransformer3DModel" if key == "teacher" else "AnyFlowTransformer3DModel"
+    expect = ("WanTransformer3DModel" if key == "teacher" else
+              "AnyFlowFARTransformer3DModel" if cfg.model.causal else "AnyFlowTransformer3DModel")
     if key == "teacher" and _given_teacher(cfg) is not None:
         what, fix = _teacher_what(cfg), ""
     else:
         what, fix = f"the finished {key} model of the run", f" (delete {folder} to train it again)"
     try:
-        return models.load_transformer(folder, expect=expect)
+        model = models.load_transformer(folder, expect=expect)
     except (OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"{what}: {str(exc).strip()}{fix}") from None
+    if cfg.model.causal and key != "teacher":
+        f, got = cfg.model.far, model.config
+        if got.full_chunk_limit != f.full_chunk_limit or list(got.compressed_patch_size) != f.compressed_patch_size:
+            raise InputError(f"{what}: made with full_chunk_limit {got.full_chunk_limit} and compressed patch "
+                             f"{list(got.compressed_patch_size)}, the config has model.far.full_chunk_limit="
+                             f"{f.full_chunk_limit} and compressed_patch_size={f.compressed_patch_size}{fix}")
+        steps.prepared(cfg, model)
+    return model
 
 
 STAGE_OUTPUT = {"teacher": "teacher", "stage1": "student_stage1", "stage2": "student", "consistency": "consistency"}
@@ -363,7 +383,8 @@ def stage_eval(st: RunState) -> None:
 def stage_export(st: RunState) -> None:
     for name in ("student", "student_stage1"):
         if _load(st, name):
-            sampling.export_student(st.cfg, st.nets[name], st.run_dir / "student")
+            export = sampling.export_far_student if st.cfg.model.causal else sampling.export_student
+            export(st.cfg, st.nets[name], st.run_dir / "student")
             return
     raise RuntimeError("export needs a trained student: run stage1 or stage2 first")
 

@@ -16,6 +16,7 @@ makes, and at policy lag 0 the Ray pipeline reproduces the reference step for st
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, fields, replace
 from typing import Callable
 
@@ -23,7 +24,10 @@ import torch
 
 from pipeline.config import Config, Stage2Config
 from pipeline.data.schema import LatentDataset
-from pipeline.flowmap import draws, lora, losses
+from pipeline.flowmap import draws, far, lora, losses
+from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
+
+from pipeline.flowmap.models import StudentFn, student_arch
 from pipeline.flowmap.schedule import PairFractions
 from pipeline.flowmap.simulate import GradCalls, backward_simulate, consistency_backward_simulate
 
@@ -153,6 +157,108 @@ def with_adapters(cfg: Config, stage: str, network: str, model: torch.nn.Module)
     """`model` with the stage's LoRA adapters added (`lora_for`), or unchanged without LoRA."""
     settings, gen = lora_for(cfg, stage, network)
     return model if settings is None else lora.add_adapters(model, settings, gen)
+
+
+# ----------------------------------------------------------------------------- causal (FAR) students
+#
+# With model.causal the students are AnyFlowFARTransformer3DModel (pipeline/flowmap/far.py); teacher and
+# critic stay bidirectional. A step is the bidirectional one with three functions swapped, chosen here so
+# that the reference loop (and later the Ray roles) call one thing whatever the model: `student_loss`
+# (stage 1 and co-training: teacher-forced on causal students), `student_rollout` (backward simulation
+# chunk by chunk through the student's own KV cache) and `prepared` (the attention processor).
+
+NUM_CHUNKS_STREAM = 9
+"""draws stream of the number of chunks a teacher-forced batch keeps (the same on every rank)"""
+
+
+def prepared(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` ready to train or sample here: a causal student gets the dense attention processor in the
+    configured padding form (a FAR model loaded from a folder comes with diffusers' flex one); idempotent."""
+    if cfg.model.causal:
+        far.set_far_attention(model, "dense", cfg.model.far.pad)
+    return model
+
+
+def far_student_from(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+    """The causal student converted from a bidirectional student or a Wan teacher (only far_patch_embedding
+    is new), with the configured chunk partition, full-resolution limit and compressed patch."""
+    f = cfg.model.far
+    return prepared(cfg, far.far_from_bidirectional(model, f.chunk_partition, f.full_chunk_limit,
+                                                    f.compressed_patch_size))
+
+
+def student_config(cfg: Config, teacher_config: dict) -> dict:
+    """The constructor arguments of the run's student from its teacher's config: AnyFlow, or with
+    model.causal AnyFlow-FAR (the same plus the chunk partition, limit and compressed patch)."""
+    arch = student_arch(teacher_config)
+    if not cfg.model.causal:
+        return arch
+    f = cfg.model.far
+    return {**arch, "chunk_partition": list(f.chunk_partition), "full_chunk_limit": f.full_chunk_limit,
+            "compressed_patch_size": list(f.compressed_patch_size)}
+
+
+def build_student(cfg: Config, config: dict, state: dict | None = None) -> torch.nn.Module:
+    """A student of `config` (a `student_config`, or a student's `dict(model.config)`: AnyFlow-FAR when it has
+    a `full_chunk_limit`), with `state` loaded, `prepared` (how the Ray roles build their students)."""
+    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    cls = AnyFlowFARTransformer3DModel if "full_chunk_limit" in config else AnyFlowTransformer3DModel
+    model = cls.from_config(config)
+    if state is not None:
+        model.load_state_dict(state)
+    return prepared(cfg, model) if cls is AnyFlowFARTransformer3DModel else model
+
+
+def student_fn(cfg: Config, model: torch.nn.Module):
+    """A `FlowMapFn` through `model` on a whole clip (B, F, ...) (a learner's priming forward): the model
+    itself, or for a causal student its first chunk, with no context."""
+    if not cfg.model.causal:
+        return StudentFn(model)
+    first = cfg.model.far.chunk_partition[:1]
+
+    def fn(z, t, r, cond):
+        return far.ChunkFn(model, far.empty_cache(model, z), first)(z[:, :first[0]], t, r, cond)
+    return fn
+
+
+def num_chunks_of(cfg: Config, stage: str, step: int) -> int:
+    """How many leading chunks the teacher-forced batch of (stage, step) keeps (`far.draw_num_chunks`),
+    a function of (seed, stage, step) like every other draw."""
+    f = cfg.model.far
+    g = draws.generator(cfg.run.seed, stage, step, stream=NUM_CHUNKS_STREAM)
+    rng = random.Random(int(torch.randint(2**62, (1,), generator=g)))
+    return far.draw_num_chunks(len(f.chunk_partition), f.full_chunk_limit, f.long_context_ratio, rng)
+
+
+def student_loss(cfg: Config, model: torch.nn.Module, x: torch.Tensor, cond: torch.Tensor, null_embed: torch.Tensor,
+                 d: draws.DataDraws, stage: str, step: int,
+                 all_reduce: losses.AllReduce | None = None) -> tuple[torch.Tensor, dict]:
+    """The stage-1 loss of `model` on a real-data batch (stage 1 itself, and stage 2's co-training): the forward
+    flow-map loss, teacher-forced on a causal student (its number of chunks: `num_chunks_of`, and then
+    figures["num_chunks"])."""
+    settings = stage1_settings(cfg)
+    if not cfg.model.causal:
+        return losses.forward_flowmap_loss(StudentFn(model), x, cond, null_embed, d.t, d.r, d.eps, settings,
+                                           all_reduce)
+    f, n = cfg.model.far, num_chunks_of(cfg, stage, step)
+    loss, figures = far.teacher_forced_flowmap_loss(model, x, cond, null_embed, d.t, d.r, d.eps, n,
+                                                    f.chunk_partition, f.full_chunk_limit, settings, all_reduce)
+    return loss, {**figures, "num_chunks": n}
+
+
+def student_rollout(cfg: Config, model: torch.nn.Module, data, r: draws.RolloutDraws, consistency: bool,
+                    grad_calls: GradCalls):
+    """The on-policy sample of a rollout draw by `model`: `rollout` for a bidirectional student; for a causal
+    one, chunk by chunk with the same (N, k) for every chunk, each chunk conditioned on the student's own
+    earlier chunks through a fresh KV cache (far.far_backward_simulate, or the consistency form)."""
+    if not cfg.model.causal:
+        return rollout(StudentFn(model), data, r, cfg.model.shift, consistency, grad_calls)
+    _, cond = data.batch(r.index)
+    cp = cfg.model.far.chunk_partition
+    if consistency:
+        return far.far_consistency_backward_simulate(model, r.noise, cond, r.num_steps, r.k, cfg.model.shift,
+                                                     r.renoise, cp, grad=grad_calls.shortcut_out)
+    return far.far_backward_simulate(model, r.noise, cond, r.num_steps, r.k, cfg.model.shift, cp, grad_calls)
 
 
 # ----------------------------------------------------------------------------- the trajectory record

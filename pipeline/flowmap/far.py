@@ -32,8 +32,10 @@ from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, W
 from diffusers.models.transformers.transformer_anyflow_far import AnyFlowCausalAttnProcessor, apply_rotary_emb
 from torch.nn.attention.flex_attention import BlockMask
 
+from . import losses
 from .models import _check_inputs, _train_units, student_arch, student_from_teacher
-from .simulate import GradCalls, anystep_sample, backward_simulate
+from .simulate import (GradCalls, anystep_sample, backward_simulate, consistency_backward_simulate,
+                       consistency_sample)
 
 PAD_FORMS = ("diffusers", "none")
 FAR_NEW_KEYS = frozenset({"far_patch_embedding.weight", "far_patch_embedding.bias"})
@@ -87,6 +89,14 @@ def far_from_bidirectional(model: torch.nn.Module, chunk_partition, full_chunk_l
                                                                  compressed_patch_size))
         far.far_patch_embedding.bias.copy_(state["patch_embedding.bias"])
     return far if model.dtype == torch.float32 else far.to(model.dtype)
+
+
+def net(model) -> AnyFlowFARTransformer3DModel:
+    """The diffusers model behind `model`: itself, or the module a wrapper holds (a DeepSpeed engine's
+    `.module`, whose own `.config` is DeepSpeed's). Every function here reads the architecture from
+    `net(model)` and calls `model` itself, so a learner can pass its engine."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
 
 
 # --- attention ------------------------------------------------------------------------------
@@ -163,12 +173,12 @@ def set_far_attention(model: AnyFlowFARTransformer3DModel, backend: str = "dense
             return DenseFarAttnProcessor(pad)
     else:
         raise ValueError(f"unknown FAR attention backend {backend!r}; choose 'dense' or 'flex'")
-    for block in model.blocks:
+    for block in net(model).blocks:
         block.attn1.set_processor(make())
 
 
 def _processor(model):
-    return model.blocks[0].attn1.processor
+    return net(model).blocks[0].attn1.processor
 
 
 def pad_form(model) -> str:
@@ -197,7 +207,7 @@ class FarLayout:
     def of(cls, model, chunk_partition, height: int, width: int, mode: str) -> "FarLayout":
         """`mode`: 'train' (the newest `full_chunk_limit` chunks at full resolution) or 'cache'
         (the newest `full_chunk_limit - 1`, since the next chunk will join them)."""
-        cfg = model.config
+        cfg = net(model).config
         threshold = cfg.full_chunk_limit - (1 if mode == "cache" else 0)
         n = len(chunk_partition)
         full = (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
@@ -262,10 +272,10 @@ class FarCache:
 
 def empty_cache(model, like: torch.Tensor) -> FarCache:
     """The cache before the first chunk: no tokens (batch and device of `like`, the model's dtype)."""
-    shape = (2, like.shape[0], model.config.num_attention_heads, 0, model.config.attention_head_dim)
+    shape = (2, like.shape[0], net(model).config.num_attention_heads, 0, net(model).config.attention_head_dim)
     dtype = next(model.parameters()).dtype
     return FarCache([{name: like.new_zeros(shape, dtype=dtype) for name in ("compressed_cache", "full_cache")}
-                     for _ in model.blocks], 0)
+                     for _ in net(model).blocks], 0)
 
 
 def write_cache(model, prefix: torch.Tensor, chunk_partition, cond: torch.Tensor) -> FarCache:
@@ -276,13 +286,13 @@ def write_cache(model, prefix: torch.Tensor, chunk_partition, cond: torch.Tensor
     n_comp = sum(chunk_partition[:layout.num_compressed_chunks]) * layout.compressed_tokens_per_frame
     n_full = sum(chunk_partition[layout.num_compressed_chunks:]) * layout.full_tokens_per_frame
     if uses_flex(model):  # diffusers' processor writes into preallocated buffers, so allocate new ones
-        heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
+        heads, dim = net(model).config.num_attention_heads, net(model).config.attention_head_dim
         layers = [{"compressed_cache": prefix.new_zeros(2, b, heads, n_comp, dim),
-                   "full_cache": prefix.new_zeros(2, b, heads, n_full, dim)} for _ in model.blocks]
-        mask = model.build_attention_mask(chunk_partition=list(chunk_partition), height=h, width=w,
+                   "full_cache": prefix.new_zeros(2, b, heads, n_full, dim)} for _ in net(model).blocks]
+        mask = net(model).build_attention_mask(chunk_partition=list(chunk_partition), height=h, width=w,
                                           device=prefix.device, mode="cache")
     else:
-        layers = [{} for _ in model.blocks]
+        layers = [{} for _ in net(model).blocks]
         mask = far_dense_mask(layout, has_clean=False, pad="none", device=prefix.device)
     zero = torch.zeros(b, f, device=prefix.device)
     flag = {"num_cached_chunks": len(chunk_partition) - 1, "is_cache_step": True}
@@ -322,7 +332,7 @@ def chunk_bounds(chunk_partition) -> list[tuple[int, int]]:
 
 
 def _check_video(model, noise: torch.Tensor, chunk_partition) -> list:
-    cp = list(chunk_partition if chunk_partition is not None else model.config.chunk_partition)
+    cp = list(chunk_partition if chunk_partition is not None else net(model).config.chunk_partition)
     if noise.ndim != 5 or noise.shape[1] != sum(cp):
         raise ValueError(f"latents (B, F, C, H, W) must have F = sum(chunk_partition) = {sum(cp)}, "
                          f"got shape {tuple(noise.shape)}")
@@ -355,6 +365,30 @@ def far_backward_simulate(model, noise: torch.Tensor, cond: torch.Tensor, num_st
     [k < N - 1]` student calls per chunk plus the cache write after every chunk but the last."""
     return _rollout(model, noise, cond, chunk_partition,
                     lambda fn, z: backward_simulate(fn, z, cond, num_steps, k, shift_k, grad_calls))
+
+
+def far_consistency_sample(model, noise: torch.Tensor, cond: torch.Tensor, num_steps: int, shift_k: float,
+                           chunk_partition=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The causal consistency baseline's sampler (Self-Forcing-like): per chunk, consistency sampling
+    (jump to 0, re-noise with fresh noise from `generator`, drawn chunk after chunk)."""
+    return _rollout(model, noise, cond, chunk_partition,
+                    lambda fn, z: consistency_sample(fn, z, cond, num_steps, shift_k, generator))
+
+
+def far_consistency_backward_simulate(model, noise: torch.Tensor, cond: torch.Tensor, num_steps: int, k: int,
+                                      shift_k: float, renoise: torch.Tensor, chunk_partition=None,
+                                      grad: bool = True) -> torch.Tensor:
+    """The causal consistency baseline's on-policy rollout: every chunk with the same (N, k), k consistency
+    steps without gradient, then the endpoint jump (with gradient if `grad`); `renoise` (N - 1, B, F, ...)
+    is cut per chunk along its frames."""
+    cp = _check_video(model, noise, chunk_partition)
+    bounds = iter(chunk_bounds(cp))
+
+    def run_chunk(fn, z):
+        lo, hi = next(bounds)
+        return consistency_backward_simulate(fn, z, cond, num_steps, k, shift_k,
+                                             renoise[:, :, lo:hi] if renoise.ndim > 1 else renoise, grad=grad)
+    return _rollout(model, noise, cond, cp, run_chunk)
 
 
 # --- teacher forcing (stage 1) --------------------------------------------------------------
@@ -417,3 +451,59 @@ def teacher_forced_forward(model, inputs: TeacherForced, cond: torch.Tensor) -> 
                  encoder_hidden_states=cond, chunk_partition=inputs.chunk_partition,
                  clean_hidden_states=inputs.clean_hidden_states, clean_timestep=clean_t,
                  attention_mask=mask, return_dict=False)[0]
+
+
+class TeacherForcedFn:
+    """The teacher-forced forward as a `FlowMapFn` on a *packed* video (B, F_ctx + 2 F_noisy, C, H, W):
+    [clean context, noisy frames, clean copy of the noisy frames]. It returns u on the noisy frames and 0
+    on the context and the clean copy, so the existing stage-1 loss (`losses.forward_flowmap_loss`: its
+    batched calls, row subsets and central difference) applies unchanged: with data `x = [ctx, x, x]` and
+    noise `[ctx, eps, x]` the packed frames of the context and the copy are fixed points of z_t and of
+    `z +- d v` (v = 0 there), and their loss terms are exactly 0 (`teacher_forced_flowmap_loss`
+    rescales the mean to the noisy frames)."""
+
+    def __init__(self, model, num_context_frames: int, num_noisy_frames: int, chunk_partition):
+        self.model, self.n_ctx, self.n_noisy = model, num_context_frames, num_noisy_frames
+        self.chunk_partition = list(chunk_partition)
+
+    def __call__(self, z, t, r, cond):
+        _check_inputs(z, t, cond)
+        b = z.shape[0]
+        if z.shape[1] != self.n_ctx + 2 * self.n_noisy:
+            raise ValueError(f"packed teacher-forced video must have {self.n_ctx} + 2 x {self.n_noisy} frames, "
+                             f"got {z.shape[1]}")
+        dtype = next(self.model.parameters()).dtype
+        ctx, noisy = z[:, :self.n_ctx], z[:, self.n_ctx:self.n_ctx + self.n_noisy]
+        clean = z[:, self.n_ctx + self.n_noisy:]
+        zeros = torch.zeros(b, self.n_ctx, device=z.device)
+        tt = torch.cat([zeros, _train_units(t).to(z.device)[:, None].expand(b, self.n_noisy)], dim=1)
+        rr = torch.cat([zeros, _train_units(r).to(z.device)[:, None].expand(b, self.n_noisy)], dim=1)
+        inputs = TeacherForced(torch.cat([ctx, noisy], dim=1).to(dtype), tt, rr, clean.to(dtype),
+                               self.chunk_partition, self.n_noisy)
+        u = teacher_forced_forward(self.model, inputs, cond.to(dtype)).to(z.dtype)
+        return torch.cat([torch.zeros_like(ctx), u, torch.zeros_like(clean)], dim=1)
+
+
+def teacher_forced_flowmap_loss(model, x: torch.Tensor, cond: torch.Tensor, null_cond: torch.Tensor,
+                                t: torch.Tensor, r: torch.Tensor, eps: torch.Tensor, num_chunks: int,
+                                chunk_partition, full_chunk_limit: int,
+                                settings: losses.Stage1Settings = losses.Stage1Settings(),
+                                all_reduce: losses.AllReduce | None = None) -> tuple[torch.Tensor, dict]:
+    """FAR stage 1: the forward flow-map loss (MeanFlow target, guidance fusion, weighting, rescaling) of
+    the teacher-forced model on the first `num_chunks` chunks of the clean videos `x` (B, F, ...): the last
+    min(full_chunk_limit, num_chunks) chunks noised with one (t, r) per sample (noise: the same frames of
+    `eps` (B, F, ...)), the earlier ones clean context. The loss is the mean over the noisy frames."""
+    cp = list(chunk_partition)[:num_chunks]
+    if not 1 <= num_chunks <= len(chunk_partition):
+        raise ValueError(f"num_chunks must be in 1..{len(chunk_partition)}, got {num_chunks}")
+    f = sum(cp)
+    n_noisy = sum(cp[-min(full_chunk_limit, len(cp)):])
+    n_ctx = f - n_noisy
+    ctx, clean = x[:, :n_ctx], x[:, n_ctx:f]
+    packed_x = torch.cat([ctx, clean, clean], dim=1)
+    packed_eps = torch.cat([ctx, eps[:, n_ctx:f], clean], dim=1)
+    fn = TeacherForcedFn(model, n_ctx, n_noisy, cp)
+    loss, figures = losses.forward_flowmap_loss(fn, packed_x, cond, null_cond, t, r, packed_eps, settings,
+                                                all_reduce)
+    scale = packed_x.shape[1] / n_noisy
+    return loss * scale, {k: v * scale for k, v in figures.items()}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from diffusers import AnyFlowTransformer3DModel, WanTransformer3DModel
+from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, WanTransformer3DModel
 
 from .schedule import TRAIN_UNITS
 
@@ -164,7 +164,8 @@ def student_from_teacher(teacher: WanTransformer3DModel) -> AnyFlowTransformer3D
     return student if teacher.dtype == torch.float32 else student.to(teacher.dtype)
 
 
-_CLASSES = {"WanTransformer3DModel": WanTransformer3DModel, "AnyFlowTransformer3DModel": AnyFlowTransformer3DModel}
+_CLASSES = {"WanTransformer3DModel": WanTransformer3DModel, "AnyFlowTransformer3DModel": AnyFlowTransformer3DModel,
+            "AnyFlowFARTransformer3DModel": AnyFlowFARTransformer3DModel}
 
 
 def model_class_of(path: str | os.PathLike) -> str:
@@ -182,7 +183,7 @@ def model_class_of(path: str | os.PathLike) -> str:
     except (json.JSONDecodeError, AttributeError) as exc:
         raise ValueError(f"{cfg_file} is not valid JSON: {exc}") from None
     if name not in _CLASSES:
-        raise ValueError(f"{path} holds a {name!r}, not a Wan or AnyFlow transformer "
+        raise ValueError(f"{path} holds a {name!r}, not a Wan, AnyFlow or AnyFlow-FAR transformer "
                          f"(expected one of {sorted(_CLASSES)})")
     return name
 
