@@ -38,6 +38,10 @@ from pipeline import steps
 from pipeline.config import Config
 from pipeline.flowmap import losses
 
+SUPERVISED = ("teacher", "stage1")
+"""stages whose step reads one batch of data rows (the on-policy stages read up to three: co-training
+rows with latents, generator and critic rollout rows with prompt embeddings)"""
+
 DATASET = "rows"
 """the name of the row stream among the trainer's datasets"""
 
@@ -63,13 +67,14 @@ def plan_items(cfg: Config, stages: list[str], start: tuple[str, int] | None) ->
     return items
 
 
-def resume_start(cfg: Config, stages: list[str]) -> tuple[str, int] | None:
-    """(stage, step) of the newest checkpoint of the run, if its stage is one the session trains
-    (the rule of `learners.session.resume_point`), else None."""
+def resume_start(storage: str | None, stages: list[str]) -> tuple[str, int] | None:
+    """(stage, step) of the newest checkpoint under `storage` (Ray Train's folder of the learners' run), if
+    its stage is one the session trains (the rule of `learners.session.resume_point`), else None."""
     from learners import checkpoint
-    from pipeline.distributed import storage_of
 
-    folder = checkpoint.newest(storage_of(cfg) / "learners")
+    if storage is None:
+        return None
+    folder = checkpoint.newest(storage)
     if folder is None:
         return None
     meta = checkpoint.read_meta(folder)
@@ -80,17 +85,33 @@ class StepPlan:
     """The trainer's `datasets` entry: called by Ray Train at every start of the worker group, it returns the
     plan dataset from the step the group resumes at."""
 
-    def __init__(self, cfg: Config, stages: list[str]):
-        self.cfg, self.stages = cfg, list(stages)
+    def __init__(self, cfg: Config, stages: list[str], storage: str | None = None, row_bytes: int = 0):
+        self.cfg, self.stages, self.storage = cfg, list(stages), None if storage is None else str(storage)
+        self.row_bytes = row_bytes
+
+    def steps_per_block(self) -> int:
+        """Steps one read task reads: as many as fit in `data.stream_block_mb` MiB of one rank's rows (at
+        least one). Small rows (the toy world) then cost one Ray task per many steps; real rows one per step."""
+        world = self.cfg.ray.learners
+        step_bytes = max(getattr(self.cfg, s).batch_size // world * (1 if s in SUPERVISED else 3) * self.row_bytes
+                         for s in self.stages)
+        return max(1, int(self.cfg.data.stream_block_mb * 2**20 // max(step_bytes, 1)))
 
     def __call__(self):
         import ray
 
-        items = plan_items(self.cfg, self.stages, resume_start(self.cfg, self.stages))
+        items = plan_items(self.cfg, self.stages, resume_start(self.storage, self.stages))
         if not items:  # every step done: an empty plan still needs a schema
             items = [{"stage": "", "step": -1}]
-        # one step per block: a read task reads one step's rows, never more
-        return ray.data.from_items(items, override_num_blocks=len(items))
+        return ray.data.from_items(items, override_num_blocks=-(-len(items) // self.steps_per_block()))
+
+
+def row_bytes(data_dir: str) -> int:
+    """Bytes of one train row's latents and prompt embedding (float32), from dataset.json."""
+    from pipeline.data.schema import read_meta
+
+    meta = read_meta(data_dir)
+    return 4 * (int(np.prod(meta["latent_shape"])) + int(np.prod(meta["embed_shape"])))
 
 
 def read_step_rows(batch: pa.Table, *, cfg: Config, data_dir: str, rank: int, world: int,

@@ -7,8 +7,8 @@ rows, and on each runs the learners' ingestion as the pipeline does it: a Ray Tr
 every step read from the Parquet shards through Ray Data), each worker taking `--steps` stage-1 steps
 (`StreamedRows.at`, then `batch(index, drop)` of the step's draws, as `SupervisedLearner.step` does, with a
 sum over the batch in place of the network). With `--old` (the default) the same loop also runs on the
-path before streaming: the worker holds the whole split as tensors (`steps.TrainData`, what
-`train_split_of` made of the materialised Ray Data split).
+path before streaming: the worker holds the whole split as tensors (`steps.TrainData`, as the learners
+did before, when each converted the whole materialised Ray Data split).
 
 Figures: each worker's peak resident set (`ru_maxrss`, the whole process: Python, torch, Ray) and its
 resident set just before the data (`base`); streaming vs whole split at each size, and the ratio of the
@@ -38,7 +38,8 @@ FIGURES = {
     "base_rss_bytes": "RSS of the worker just before its data",
     "stream_peak_ratio": "streaming learner's peak RSS at Sx rows / at 1x (flat: ~1)",
     "whole_peak_ratio": "the whole-split learner's, for contrast",
-    "steps_per_s": "learner steps per second per path and size",
+    "steps_per_s": "learner steps per second per path and size, the data's start-up included (the whole split's read)",
+    "steady_steps_per_s": "learner steps per second once started (from step min(5, steps // 4))",
 }
 EMBED = (16, 64)
 
@@ -99,16 +100,19 @@ def worker_loop(config: dict) -> None:
         split = read_split(data_dir, "train")
         data = steps.TrainData(split.latents, split.prompt_embeds, null[None])
         del split
-    rows, total = steps.rank_rows(cfg.stage1.batch_size, world, rank), 0.0
+    rows, total, marks = steps.rank_rows(cfg.stage1.batch_size, world, rank), 0.0, []
     for step in range(cfg.stage1.steps):
+        marks.append(time.perf_counter())
         if mode == "stream":
             data.at("stage1", step)
         d = steps.supervised_draws(cfg, "stage1", step, data.num_rows, data.latent_shape)
         x, cond = data.batch(d.index[slice(*rows)], d.drop[slice(*rows)])
         total += float(x.sum() + cond.sum())
     seconds = time.perf_counter() - t0
+    warm = min(5, len(marks) // 4)  # steady rate: from the start of step `warm` (the stream's start-up done)
+    steady = (len(marks) - warm) / max(time.perf_counter() - marks[warm], 1e-9)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = {"rank": rank, "peak": peak, "base": base, "seconds": seconds, "checksum": total,
+    out = {"rank": rank, "peak": peak, "base": base, "seconds": seconds, "steady": steady, "checksum": total,
            "max_held_rows": getattr(data, "max_held_rows", None)}
     Path(config["out"]).with_suffix(f".{rank}.json").write_text(json.dumps(out))
 
@@ -118,12 +122,12 @@ def run_learners(cfg, data_dir: Path, mode: str, learners: int, out: Path) -> li
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from learners.feed import DATASET, RankShards, StepPlan
+    from learners.feed import DATASET, RankShards, StepPlan, row_bytes
     from pipeline.data.schema import read_meta
 
     kw = {}
     if mode == "stream":
-        kw = dict(datasets={DATASET: StepPlan(cfg, ["stage1"])},
+        kw = dict(datasets={DATASET: StepPlan(cfg, ["stage1"], None, row_bytes(str(data_dir)))},
                   dataset_config=RankShards(cfg, str(data_dir), read_meta(data_dir)["num_rows"]["train"]))
     trainer = TorchTrainer(worker_loop, train_loop_config={"cfg": cfg, "data_dir": str(data_dir), "mode": mode,
                                                            "out": str(out)},
@@ -154,14 +158,16 @@ def bench(args: argparse.Namespace) -> dict:
          f"{need / 2**30:.2f} GiB on disk under {root}")
     figures = {"rows": sizes, "row_bytes": row_bytes, "latent_shape": list(latent), "steps": args.steps,
                "batch_size": args.batch_size, "learners": args.learners, "disk_bytes": need,
-               "peak_rss_bytes": {}, "base_rss_bytes": {}, "steps_per_s": {}, "max_held_rows": {}}
+               "peak_rss_bytes": {}, "base_rss_bytes": {}, "steps_per_s": {}, "steady_steps_per_s": {},
+               "max_held_rows": {}}
     modes = ["stream", "whole"] if args.old else ["stream"]
     try:
         for label, n in sizes.items():
             folder = write_synthetic(root / f"data-{label}", n, latent)
             cfg = load_config(None, ["model.size=tiny", f"stage1.steps={args.steps}",
                                      f"stage1.batch_size={args.batch_size}", f"run.output_dir={root / 'runs'}",
-                                     f"run.name=ingest-{label}", f"data.stream_prefetch={args.prefetch}"])
+                                     f"run.name=ingest-{label}", f"data.stream_prefetch={args.prefetch}",
+                                     f"data.stream_block_mb={args.block_mb}", f"ray.learners={args.learners}"])
             if not ray.is_initialized():
                 ray.init(address="local", num_cpus=max(2, args.learners), include_dashboard=False,
                          _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
@@ -171,10 +177,12 @@ def bench(args: argparse.Namespace) -> dict:
                 figures["peak_rss_bytes"][key] = max(g["peak"] for g in got)
                 figures["base_rss_bytes"][key] = max(g["base"] for g in got)
                 figures["steps_per_s"][key] = args.steps / max(g["seconds"] for g in got)
+                figures["steady_steps_per_s"][key] = min(g["steady"] for g in got)
                 figures["max_held_rows"][key] = got[0]["max_held_rows"]
                 _say(f"{key}: peak RSS {figures['peak_rss_bytes'][key] / 2**20:.0f} MiB "
                      f"(before the data {figures['base_rss_bytes'][key] / 2**20:.0f} MiB), "
-                     f"{figures['steps_per_s'][key]:.1f} steps/s")
+                     f"{figures['steps_per_s'][key]:.1f} steps/s with the start, "
+                     f"{figures['steady_steps_per_s'][key]:.1f} steady")
             shutil.rmtree(folder, ignore_errors=True)
     finally:
         if ray.is_initialized():
@@ -204,6 +212,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="global batch (default 8)")
     p.add_argument("--learners", type=int, default=1, help="learner workers (default 1)")
     p.add_argument("--prefetch", type=int, default=2, help="data.stream_prefetch (default 2)")
+    p.add_argument("--block-mb", type=float, default=16.0, help="data.stream_block_mb (default 16)")
     p.add_argument("--old", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the whole-split path, for contrast (default on)")
     p.add_argument("--output-dir", default="", help="where the datasets go (default: a temporary folder)")
@@ -211,8 +220,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rows < 1 or args.scale < 2 or args.row_mb <= 0 or args.steps < 1 or args.learners < 1:
         p.error("need --rows >= 1, --scale >= 2, --row-mb > 0, --steps >= 1, --learners >= 1")
-    if args.batch_size % args.learners or args.prefetch < 1:
-        p.error(f"--batch-size {args.batch_size} must split over --learners {args.learners}; --prefetch >= 1")
+    if args.batch_size % args.learners or args.prefetch < 1 or args.block_mb <= 0:
+        p.error(f"--batch-size {args.batch_size} must split over --learners {args.learners}; --prefetch >= 1, --block-mb > 0")
     return args
 
 

@@ -150,7 +150,7 @@ def make_trainer(cfg: Config, setup):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from learners.deepspeed_setup import dist_backend
-    from learners.feed import DATASET, RankShards, StepPlan
+    from learners.feed import DATASET, RankShards, StepPlan, row_bytes
     from learners.session import FAULT_ENV, session_loop
     from pipeline.data.schema import read_meta
 
@@ -164,7 +164,7 @@ def make_trainer(cfg: Config, setup):
         session_loop, train_loop_config={"setup": setup},
         # each rank's rows of every step, streamed (learners/feed.py); the plan is made again from the resume
         # point each time Ray Train starts the group
-        datasets={DATASET: StepPlan(cfg, setup.stages)},
+        datasets={DATASET: StepPlan(cfg, setup.stages, storage_of(cfg) / "learners", row_bytes(setup.data_dir))},
         dataset_config=RankShards(cfg, setup.data_dir, read_meta(setup.data_dir)["num_rows"]["train"]),
         torch_config=TorchConfig(backend=dist_backend(use_gpu)),
         scaling_config=ScalingConfig(num_workers=rc.learners, use_gpu=use_gpu, resources_per_worker=resources),

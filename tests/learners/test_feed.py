@@ -124,3 +124,13 @@ def test_a_plan_resumes_at_the_checkpoint_step():
     cfg = _cfg()
     items = plan_items(cfg, ["stage1", "stage2"], ("stage1", 3))
     assert [(i["stage"], i["step"]) for i in items] == [("stage1", 3), ("stage1", 4)] + [("stage2", i) for i in range(5)]
+
+
+def test_a_read_task_reads_as_many_steps_as_fit_in_the_block_size_and_at_least_one():
+    from learners.feed import StepPlan
+
+    cfg = _cfg("data.stream_block_mb=1", "ray.learners=2")
+    # stage 1: 2 rows per rank and step; stage 2: up to 3 x 2 rows (co-training + both rollouts)
+    assert StepPlan(cfg, ["stage1"], None, row_bytes=2**20 // 8).steps_per_block() == 4
+    assert StepPlan(cfg, ["stage1", "stage2"], None, row_bytes=2**20 // 12).steps_per_block() == 2
+    assert StepPlan(cfg, ["stage2"], None, row_bytes=17 * 2**20).steps_per_block() == 1
