@@ -85,9 +85,10 @@ class StepPlan:
     """The trainer's `datasets` entry: called by Ray Train at every start of the worker group, it returns the
     plan dataset from the step the group resumes at."""
 
-    def __init__(self, cfg: Config, stages: list[str], storage: str | None = None, row_bytes: int = 0):
+    def __init__(self, cfg: Config, stages: list[str], storage: str | None = None, row_bytes: int = 0,
+                 start: tuple[str, int] | None = None):
         self.cfg, self.stages, self.storage = cfg, list(stages), None if storage is None else str(storage)
-        self.row_bytes = row_bytes
+        self.row_bytes, self.start = row_bytes, start
 
     def steps_per_block(self) -> int:
         """Steps one read task reads: as many as fit in `data.stream_block_mb` MiB of one rank's rows (at
@@ -100,7 +101,8 @@ class StepPlan:
     def __call__(self):
         import ray
 
-        items = plan_items(self.cfg, self.stages, resume_start(self.storage, self.stages))
+        start = self.start if self.start is not None else resume_start(self.storage, self.stages)
+        items = plan_items(self.cfg, self.stages, start)
         if not items:  # every step done: an empty plan still needs a schema
             items = [{"stage": "", "step": -1}]
         return ray.data.from_items(items, override_num_blocks=-(-len(items) // self.steps_per_block()))
@@ -175,8 +177,10 @@ class StreamedRows:
     `at(stage, step)` moves to a step. Batches land on `device`."""
 
     def __init__(self, records, latent_shape, embed_shape, num_rows: int, null_embed: torch.Tensor,
-                 device: torch.device, stage_order: list[str]):
+                 device: torch.device, stage_order: list[str], reopen=None):
         self._records = iter(records)
+        self._reopen = reopen
+        self.reopened = 0
         self.latent_shape, self.embed_shape = tuple(latent_shape), tuple(embed_shape)
         self.num_rows, self.device = num_rows, device
         self._null_cpu = null_embed.reshape(1, *self.embed_shape)
@@ -189,9 +193,10 @@ class StreamedRows:
         self.held_rows = self.max_held_rows = self.skipped = 0
 
     @classmethod
-    def from_shard(cls, shard, latent_shape, embed_shape, num_rows, null_embed, device, stage_order, prefetch: int):
-        batches = shard.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=max(0, prefetch))
-        return cls(batches, latent_shape, embed_shape, num_rows, null_embed, device, stage_order)
+    def from_shard(cls, shard, latent_shape, embed_shape, num_rows, null_embed, device, stage_order, prefetch: int,
+                   reopen=None):
+        return cls(_batches(shard, prefetch), latent_shape, embed_shape, num_rows, null_embed, device, stage_order,
+                   reopen)
 
     def at(self, stage: str, step: int) -> None:
         """Hold the rows of (stage, step), dropping the step before; the next record of the stream must be it
@@ -209,6 +214,13 @@ class StreamedRows:
             got = (self.order.get(got_stage, -1), got_step)
             if got < want:
                 self.skipped += 1
+                continue
+            if got > want and self._reopen is not None and not self.reopened:
+                # the plan began after the step this rank resumes at: Ray Train restored an older checkpoint
+                # than the newest on disk (a failure right after a report); a stream of its own from there
+                print(f"[rows] the stream begins at {got_stage} step {got_step}, the learner resumes at {stage} "
+                      f"step {step}: streaming from there", flush=True)
+                self._records, self.reopened = iter(self._reopen(stage, step)), self.reopened + 1
                 continue
             if got > want:
                 raise RuntimeError(f"the row stream sent {got_stage} step {got_step} where {stage} step {step} "
@@ -245,6 +257,10 @@ class StreamedRows:
         return (None if x is None else x.to(self.device)), cond.to(self.device)
 
 
+def _batches(shard, prefetch: int):
+    return shard.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=max(0, prefetch))
+
+
 def _tensor(value: pa.Scalar, shape: tuple[int, ...]) -> torch.Tensor:
     buf = value.as_buffer()
     arr = np.frombuffer(buf, dtype="<f4", count=int(np.prod(shape)) if shape else 0)
@@ -259,6 +275,16 @@ def stream_for(s, rank: int, device: torch.device, stage_order: list[str]) -> St
 
     meta = read_meta(s.data_dir)
     shard = ray.train.get_dataset_shard(DATASET)
-    return StreamedRows.from_shard(shard, meta["latent_shape"], meta["embed_shape"], meta["num_rows"]["train"],
-                                   s.null_embed, device, stage_order, s.cfg.data.stream_prefetch)
+    world, n = ray.train.get_context().get_world_size(), meta["num_rows"]["train"]
+
+    def reopen(stage: str, step: int):
+        """This rank's stream from (stage, step) on, outside Ray Train's datasets (see `StreamedRows.at`)."""
+        plan = StepPlan(s.cfg, s.stages, None, row_bytes(s.data_dir), start=(stage, step))()
+        mine = rank_stream(plan, s.cfg, s.data_dir, rank, world, n, s.cfg.data.stream_prefetch)
+        mine.context.execution_options.preserve_order = True
+        mine.context.enable_progress_bars = False
+        return _batches(mine, s.cfg.data.stream_prefetch)
+
+    return StreamedRows.from_shard(shard, meta["latent_shape"], meta["embed_shape"], n, s.null_embed, device,
+                                   stage_order, s.cfg.data.stream_prefetch, reopen)
 

@@ -134,3 +134,24 @@ def test_a_read_task_reads_as_many_steps_as_fit_in_the_block_size_and_at_least_o
     assert StepPlan(cfg, ["stage1"], None, row_bytes=2**20 // 8).steps_per_block() == 4
     assert StepPlan(cfg, ["stage1", "stage2"], None, row_bytes=2**20 // 12).steps_per_block() == 2
     assert StepPlan(cfg, ["stage2"], None, row_bytes=17 * 2**20).steps_per_block() == 1
+
+
+def test_a_stream_that_begins_after_the_resume_step_is_reopened_there_once(data_dir):
+    """Ray Train may restore an older checkpoint than the newest on disk (a failure right after a report):
+    the plan then begins too late, and the learner streams from its own step instead."""
+    cfg = _cfg()
+    null = read_null_embed(data_dir)
+    opened = []
+
+    def reopen(stage, step):
+        opened.append((stage, step))
+        return _records(cfg, data_dir, ["stage1"], 0, 1, start=(stage, step))
+
+    fed = StreamedRows(_records(cfg, data_dir, ["stage1"], 0, 1, start=("stage1", 4)), LATENT, EMBED, N, null,
+                       torch.device("cpu"), ["stage1"], reopen=reopen)
+    split = read_split(data_dir, "train")
+    for step in range(2, 5):
+        fed.at("stage1", step)
+        d = steps.supervised_draws(cfg, "stage1", step, N, LATENT)
+        assert torch.equal(fed.batch(d.index[:4])[0], split.latents[d.index[:4]])
+    assert opened == [("stage1", 2)] and fed.reopened == 1
