@@ -90,13 +90,22 @@ class StepPlan:
         self.cfg, self.stages, self.storage = cfg, list(stages), None if storage is None else str(storage)
         self.row_bytes, self.start = row_bytes, start
 
+    def step_bytes(self) -> int:
+        """The most bytes of rows one rank reads for one step of the session's stages."""
+        world = self.cfg.ray.learners
+        return max(getattr(self.cfg, s).batch_size // world * (1 if s in SUPERVISED else 3) * self.row_bytes
+                   for s in self.stages)
+
     def steps_per_block(self) -> int:
         """Steps one read task reads: as many as fit in `data.stream_block_mb` MiB of one rank's rows (at
         least one). Small rows (the toy world) then cost one Ray task per many steps; real rows one per step."""
-        world = self.cfg.ray.learners
-        step_bytes = max(getattr(self.cfg, s).batch_size // world * (1 if s in SUPERVISED else 3) * self.row_bytes
-                         for s in self.stages)
-        return max(1, int(self.cfg.data.stream_block_mb * 2**20 // max(step_bytes, 1)))
+        return max(1, int(self.cfg.data.stream_block_mb * 2**20 // max(self.step_bytes(), 1)))
+
+    def read_ahead_bytes(self) -> int:
+        """The object-store budget of one rank's stream: `data.stream_prefetch` + 2 blocks. Without it Ray
+        Data reads ahead up to its own share of the object store (a slow learner: the whole plan of a
+        60-step test was read after 20 steps); with it, a few steps (6 in that test)."""
+        return (self.cfg.data.stream_prefetch + 2) * self.steps_per_block() * max(self.step_bytes(), 1)
 
     def __call__(self):
         import ray
@@ -144,28 +153,35 @@ def read_step_rows(batch: pa.Table, *, cfg: Config, data_dir: str, rank: int, wo
                      "prompt_embeds": pa.array(out["prompt_embeds"], pa.large_binary())})
 
 
-def rank_stream(plan, cfg: Config, data_dir: str, rank: int, world: int, num_rows: int, prefetch: int):
-    """Rank `rank`'s shard of the plan: its rows of every step, in plan order."""
+def rank_stream(plan, cfg: Config, data_dir: str, rank: int, world: int, num_rows: int, prefetch: int,
+                budget: int | None = None):
+    """Rank `rank`'s shard of the plan: its rows of every step, in plan order, read ahead within `budget`
+    bytes of the object store (`StepPlan.read_ahead_bytes`) when given."""
     fn = functools.partial(read_step_rows, cfg=cfg, data_dir=data_dir, rank=rank, world=world, num_rows=num_rows)
-    return plan.map_batches(fn, batch_size=1, batch_format="pyarrow", num_cpus=0, concurrency=max(1, prefetch))
+    shard = plan.map_batches(fn, batch_size=1, batch_format="pyarrow", num_cpus=0, concurrency=max(1, prefetch))
+    options = shard.context.execution_options
+    options.preserve_order = True  # steps in plan order
+    if budget is not None:
+        options.resource_limits = options.resource_limits.copy(object_store_memory=budget)
+    shard.context.enable_progress_bars = False
+    return shard
 
 
 class RankShards(DataConfig):
     """A `ray.train.DataConfig` that shards the step plan by rank: rank r gets the plan with its own rows
     read in (`rank_stream`), not a slice of the plan (each rank trains every step, on its rows of it)."""
 
-    def __init__(self, cfg: Config, data_dir: str, num_rows: int):
+    def __init__(self, cfg: Config, data_dir: str, num_rows: int, plan: StepPlan | None = None):
         super().__init__(datasets_to_split=[])  # no streaming_split: the plan is not cut, it is mapped per rank
         self.cfg, self.data_dir, self.num_rows = cfg, str(data_dir), num_rows
+        self.budget = None if plan is None else plan.read_ahead_bytes()
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             for r in range(world_size):
                 shard = rank_stream(ds, self.cfg, self.data_dir, r, world_size, self.num_rows,
-                                    self.cfg.data.stream_prefetch)
-                shard.context.execution_options.preserve_order = True  # steps in plan order
-                shard.context.enable_progress_bars = False
+                                    self.cfg.data.stream_prefetch, self.budget)
                 out[r][name] = shard.iterator()
         return out
 
@@ -279,10 +295,9 @@ def stream_for(s, rank: int, device: torch.device, stage_order: list[str]) -> St
 
     def reopen(stage: str, step: int):
         """This rank's stream from (stage, step) on, outside Ray Train's datasets (see `StreamedRows.at`)."""
-        plan = StepPlan(s.cfg, s.stages, None, row_bytes(s.data_dir), start=(stage, step))()
-        mine = rank_stream(plan, s.cfg, s.data_dir, rank, world, n, s.cfg.data.stream_prefetch)
-        mine.context.execution_options.preserve_order = True
-        mine.context.enable_progress_bars = False
+        plan = StepPlan(s.cfg, s.stages, None, row_bytes(s.data_dir), start=(stage, step))
+        mine = rank_stream(plan(), s.cfg, s.data_dir, rank, world, n, s.cfg.data.stream_prefetch,
+                           plan.read_ahead_bytes())
         return _batches(mine, s.cfg.data.stream_prefetch)
 
     return StreamedRows.from_shard(shard, meta["latent_shape"], meta["embed_shape"], n, s.null_embed, device,

@@ -127,8 +127,9 @@ def run_learners(cfg, data_dir: Path, mode: str, learners: int, out: Path) -> li
 
     kw = {}
     if mode == "stream":
-        kw = dict(datasets={DATASET: StepPlan(cfg, ["stage1"], None, row_bytes(str(data_dir)))},
-                  dataset_config=RankShards(cfg, str(data_dir), read_meta(data_dir)["num_rows"]["train"]))
+        plan = StepPlan(cfg, ["stage1"], None, row_bytes(str(data_dir)))
+        kw = dict(datasets={DATASET: plan},
+                  dataset_config=RankShards(cfg, str(data_dir), read_meta(data_dir)["num_rows"]["train"], plan))
     trainer = TorchTrainer(worker_loop, train_loop_config={"cfg": cfg, "data_dir": str(data_dir), "mode": mode,
                                                            "out": str(out)},
                            torch_config=TorchConfig(backend="gloo"),

@@ -158,14 +158,15 @@ def make_trainer(cfg: Config, setup):
     use_gpu = rc.learner_gpus > 0
     resources = {"CPU": rc.learner_cpus, **({"GPU": rc.learner_gpus} if use_gpu else {})}
     env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    plan = StepPlan(cfg, setup.stages, storage_of(cfg) / "learners", row_bytes(setup.data_dir))
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     return TorchTrainer(
         session_loop, train_loop_config={"setup": setup},
         # each rank's rows of every step, streamed (learners/feed.py); the plan is made again from the resume
         # point each time Ray Train starts the group
-        datasets={DATASET: StepPlan(cfg, setup.stages, storage_of(cfg) / "learners", row_bytes(setup.data_dir))},
-        dataset_config=RankShards(cfg, setup.data_dir, read_meta(setup.data_dir)["num_rows"]["train"]),
+        datasets={DATASET: plan},
+        dataset_config=RankShards(cfg, setup.data_dir, read_meta(setup.data_dir)["num_rows"]["train"], plan),
         torch_config=TorchConfig(backend=dist_backend(use_gpu)),
         scaling_config=ScalingConfig(num_workers=rc.learners, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name="learners", storage_path=str(storage_of(cfg)),

@@ -4,7 +4,7 @@ hands it out, brings exactly its rows of every step, in step order, equal to the
 import pytest
 import torch
 
-from learners.feed import RankShards, StepPlan, StreamedRows
+from learners.feed import RankShards, StepPlan, StreamedRows, row_bytes
 from pipeline import steps
 from pipeline.config import load_config
 from pipeline.data.schema import read_meta, read_null_embed, read_split
@@ -20,7 +20,11 @@ def test_each_rank_shard_streams_its_rows_of_every_step_in_order(ray_cluster, ti
     meta, split, null = read_meta(data_dir), read_split(data_dir, "train"), read_null_embed(data_dir)
     n = meta["num_rows"]["train"]
     whole = steps.TrainData(split.latents, split.prompt_embeds, null[None])
-    shards = RankShards(cfg, str(data_dir), n).configure({"rows": StepPlan(cfg, stages)()}, world, None, None)
+    # a read task per step (a tiny block size) within the pipeline's read-ahead budget
+    cfg.data.stream_block_mb, cfg.ray.learners = 1e-4, world
+    plan = StepPlan(cfg, stages, None, row_bytes(str(data_dir)))
+    assert plan.steps_per_block() == 1
+    shards = RankShards(cfg, str(data_dir), n, plan).configure({"rows": plan()}, world, None, None)
     for rank in range(world):
         rows = steps.rank_rows(4, world, rank)
         fed = StreamedRows.from_shard(shards[rank]["rows"], meta["latent_shape"], meta["embed_shape"], n, null,
