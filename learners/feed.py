@@ -28,6 +28,7 @@ asked for is an error (records before the resume step are skipped: a plan made f
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -45,16 +46,21 @@ rows with latents, generator and critic rollout rows with prompt embeddings)"""
 DATASET = "rows"
 """the name of the row stream among the trainer's datasets"""
 
-_READERS: dict[str, object] = {}
+_READERS: dict[tuple[str, int], object] = {}
 
 
 def _reader(data_dir: str):
-    """One RowReader per process and folder (a read task's worker process serves many steps)."""
+    """One RowReader per process and dataset (a read task's worker process serves many steps, and Ray reuses
+    it across runs: the key includes dataset.json's modification time, so a folder written again is read
+    again)."""
     from pipeline.data.rows import RowReader
+    from pipeline.data.schema import META_FILE
 
-    if data_dir not in _READERS:
-        _READERS[data_dir] = RowReader(data_dir, "train")
-    return _READERS[data_dir]
+    key = (data_dir, os.stat(os.path.join(data_dir, META_FILE)).st_mtime_ns)
+    if key not in _READERS:
+        _READERS.clear()
+        _READERS[key] = RowReader(data_dir, "train")
+    return _READERS[key]
 
 
 def plan_items(cfg: Config, stages: list[str], start: tuple[str, int] | None) -> list[dict]:
