@@ -21,16 +21,11 @@ engines (`learners.deepspeed_setup.wrap`), then for every step i:
 With LoRA both networks train adapters only (`deepspeed_setup.wrap` adds them, initialised
 like the reference's); the stage's result is merged into plain weights (`result`).
 
-Co-training data: every learner holds the *whole* train split, not a shard of it. The step's
-draws address rows by their global index in the split (exactly as the reference does), so
-rank r's rows of the co-training batch can be any rows of the split; holding it all keeps
-the Ray stage identical to the reference. A shard per learner (Ray Data `streaming_split`)
-would sample differently; that is the choice for datasets too large to hold per learner.
-The split is read once through Ray Data (`read_train_split`: `read_parquet` in shard order,
-materialized in the object store) before the pools are placed, and each learner converts
-every block with `batch_to_tensors`. Reading on each learner instead cost 5-20 s per learner
-on 2 cores, and Ray Data's file-listing task takes a whole CPU, which a cluster full of
-actors does not have (the read then waits forever).
+Co-training data: no learner holds the train split. The step's draws address rows by their
+global index in the split (exactly as the reference does), and they are functions of
+(seed, stage, step), so the rows rank r needs at each step are known in advance; its shard of
+the Ray Data row stream (learners/feed.py, docs/streaming.md) brings exactly those rows, step
+by step (`data.at(stage, step)`), and `data.batch` serves them in the draws' order.
 """
 
 from __future__ import annotations
@@ -42,7 +37,6 @@ import torch.distributed as dist
 
 from pipeline import steps, weightsync
 from pipeline.config import Config
-from pipeline.data.schema import LatentDataset, batch_to_tensors, read_meta, shard_paths
 from pipeline.flowmap import lora, losses
 from pipeline.flowmap.draws import slice_rows
 from pipeline.flowmap.models import VelocityFn
@@ -50,29 +44,6 @@ from pipeline import metrics as M
 from pipeline.guard import StepGuard
 from pipeline.steps import draws_to
 
-
-
-def read_train_split(data_dir: str) -> "ray.data.MaterializedDataset":
-    """The train split as a Ray Data dataset, read once and held in the object store, rows in the
-    order of `read_split` (shards by name, rows in order). Called by the driver before any pool
-    is placed: Ray Data's file-listing task needs one free CPU."""
-    ctx = ray.data.DataContext.get_current()
-    before = ctx.execution_options.preserve_order, ctx.enable_progress_bars
-    ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
-    try:
-        paths = [str(p) for p in shard_paths(data_dir, "train")]
-        return ray.data.read_parquet(paths).materialize()
-    finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = before
-
-
-def train_split_of(ds, data_dir: str, null_embed: torch.Tensor) -> steps.TrainData:
-    """Every row of the dataset as tensors (`batch_to_tensors` checks them against dataset.json)."""
-    meta = read_meta(data_dir)
-    parts = [batch_to_tensors(b, meta["latent_shape"], meta["embed_shape"], where=f"{data_dir}/train")
-             for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
-    split = LatentDataset.concat(parts)
-    return steps.TrainData(split.latents, split.prompt_embeds, null_embed.reshape(1, *null_embed.shape[-2:]))
 
 
 class Nets:
@@ -119,23 +90,10 @@ def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class OnDevice:
-    """`steps.TrainData` whose batches land on the learner's device (the split stays on CPU)."""
-
-    def __init__(self, data: steps.TrainData, device: torch.device):
-        self.data, self.device = data, device
-        self.latents, self.latent_shape = data.latents, data.latent_shape
-        self.null_embed = data.null_embed.to(device)
-
-    def batch(self, index: torch.Tensor, drop: torch.Tensor | None = None):
-        x, cond = self.data.batch(index.cpu(), None if drop is None else drop.cpu())
-        return x.to(self.device), cond.to(self.device)
-
-
 class OnPolicyLearner:
     """One rank's student and critic engines and its on-policy step."""
 
-    def __init__(self, cfg: Config, stage: str, data: OnDevice, rank: int, world: int, device: torch.device,
+    def __init__(self, cfg: Config, stage: str, data, rank: int, world: int, device: torch.device,
                  store, buffer, nets: "Nets", student_state: dict, critic_state: dict):
 
         from learners import deepspeed_setup as ds
@@ -192,7 +150,8 @@ class OnPolicyLearner:
         cfg, c, data, stage = self.cfg, self.c, self.data, self.stage
         t0 = time.perf_counter()
         # 1. the step's draws, this rank's rows
-        gen, crit, co = steps.stage2_draws(cfg, stage, step, len(data.latents), data.latent_shape)
+        data.at(stage, step)  # this rank's rows of the step, from its stream (learners/feed.py)
+        gen, crit, co = steps.stage2_draws(cfg, stage, step, data.num_rows, data.latent_shape)
         gen, crit, co = (draws_to(slice_rows(d, *self.rows), self.device) for d in (gen, crit, co))
         # 2. generator forward: differentiable rollout from the step's noise, N, k; co-training loss
         x_theta = steps.student_rollout(cfg, self.student, data, gen, stage == "consistency", self.calls)

@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from learners import checkpoint
-from learners.onpolicy import Nets, OnDevice, OnPolicyLearner, _sum_over_ranks, guarded_step, train_split_of
+from learners.feed import StreamedRows, stream_for
+from learners.onpolicy import Nets, OnPolicyLearner, _sum_over_ranks, guarded_step
 from pipeline import metrics as M
 from pipeline import steps
 from pipeline.config import Config
@@ -79,8 +80,6 @@ class SessionSetup:
     null_embed: torch.Tensor
     teacher_config: dict
     hub: object
-    train_split: object
-    """the train split as a materialized Ray Data dataset (`learners.onpolicy.read_train_split`)"""
     threads: int = 1
     """torch threads in stages 0 and 1"""
     onpolicy_threads: int = 1
@@ -91,7 +90,7 @@ class SessionSetup:
 class SupervisedLearner:
     """One rank's engine for stage 0 (teacher flow matching) or stage 1 (forward flow map)."""
 
-    def __init__(self, s: SessionSetup, stage: str, data: OnDevice, rank: int, world: int, device: torch.device):
+    def __init__(self, s: SessionSetup, stage: str, data: StreamedRows, rank: int, world: int, device: torch.device):
         from learners import deepspeed_setup as ds
 
         self.s, self.stage, self.data, self.rank, self.world, self.device = s, stage, data, rank, world, device
@@ -123,7 +122,8 @@ class SupervisedLearner:
     def step(self, step: int) -> dict:
         cfg = self.s.cfg
         t0 = time.perf_counter()
-        d = supervised_draws(cfg, self.stage, step, len(self.data.latents), self.data.latent_shape)
+        self.data.at(self.stage, step)  # this rank's rows of the step, from its stream (learners/feed.py)
+        d = supervised_draws(cfg, self.stage, step, self.data.num_rows, self.data.latent_shape)
         d = draws_to(slice_rows(d, *self.rows), self.device)
         x, cond = self.data.batch(d.index, d.drop)
         if self.stage == "teacher":
@@ -222,7 +222,7 @@ def _resume(s: SessionSetup, learner, resume: Resume | None, rank: int) -> int:
     return int(checkpoint.load(resume.folder, learner.trainables(), s.cfg.ray.zero_stage, rank)["step"])
 
 
-def run_supervised(s: SessionSetup, stage: str, data: OnDevice, rank: int, world: int, device, resume,
+def run_supervised(s: SessionSetup, stage: str, data: StreamedRows, rank: int, world: int, device, resume,
                    ckpt: Checkpointer) -> None:
     learner = SupervisedLearner(s, stage, data, rank, world, device)
     start = _resume(s, learner, resume, rank)
@@ -243,7 +243,7 @@ def run_supervised(s: SessionSetup, stage: str, data: OnDevice, rank: int, world
         ray.get(s.hub.finish.remote(stage, result))
 
 
-def run_onpolicy(s: SessionSetup, stage: str, data: OnDevice, rank: int, world: int, device, resume,
+def run_onpolicy(s: SessionSetup, stage: str, data: StreamedRows, rank: int, world: int, device, resume,
                  ckpt: Checkpointer) -> None:
     store, buffer = ray.get(s.hub.stage_handles.remote(stage))
     student_state, critic_state = ray.get([ray.get(s.hub.net.remote(n))[0] for n in ("student_stage1", "teacher")])
@@ -277,7 +277,7 @@ def session_loop(config: dict) -> None:
     s: SessionSetup = config["setup"]
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device(s)
-    data = OnDevice(train_split_of(s.train_split, s.data_dir, s.null_embed), device)
+    data = stream_for(s, rank, device, s.stages)  # rows step by step, never the split (docs/streaming.md)
     with tempfile.TemporaryDirectory(prefix=f"anyflow-learner{rank}-") as tmp:
         scratch = Path(tmp)
         resume = resume_point(s, scratch)

@@ -474,7 +474,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-SEPARATE = {"weight_sync": "pipeline.bench_weight_sync"}
+SEPARATE = {"weight_sync": "pipeline.bench_weight_sync", "ingest": "pipeline.bench_ingest"}
 """benchmarks with their own module and command line: NAME -> module (its `main(argv)`)"""
 
 

@@ -64,6 +64,13 @@ class DataConfig:
     """the toy world (used when `path` is empty)"""
     cond_dropout: float = 0.1
     """fraction of prompts replaced by the null prompt in stage 0/1 batches (for guidance)"""
+    stream_prefetch: int = 2
+    """learners on Ray: steps of rows each learner's stream reads ahead (read tasks in flight and batches
+    prefetched); the learners never hold the train split, only the rows of their current and next steps
+    (docs/streaming.md)"""
+    stream_block_mb: float = 16.0
+    """learners on Ray: one read task of the row stream reads the rows of as many steps as fit in this many
+    MiB of one learner's rows (at least one step): fewer tasks for small rows, one step per task for real ones"""
 
 
 @dataclass
@@ -329,6 +336,8 @@ def _validate(cfg: Config) -> None:
     _require(cfg.run.learner_restarts >= 0, "run.learner_restarts", "must be >= 0")
     _require(cfg.run.max_bad_steps >= 1, "run.max_bad_steps", "must be >= 1")
     _require(0 <= cfg.data.cond_dropout < 1, "data.cond_dropout", "must be in [0, 1)")
+    _require(cfg.data.stream_prefetch >= 1, "data.stream_prefetch", "must be >= 1")
+    _require(cfg.data.stream_block_mb > 0, "data.stream_block_mb", "must be > 0")
     _require(cfg.data.validate in DATA_CHECKS, "data.validate", f"choose from {list(DATA_CHECKS)}")
     _require(cfg.model.size in SIZE_PRESETS, "model.size", f"unknown size; choose from {sorted(SIZE_PRESETS)}")
     _require(cfg.model.shift > 0, "model.shift", "must be > 0")

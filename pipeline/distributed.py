@@ -1,9 +1,10 @@
 """The training stages on Ray: one learner group for the whole run, a rollout fleet per on-policy stage.
 
     driver (this module)                              Ray cluster
-      read the train split (Ray Data) ------------->  object store
       Hub (actors/hub.py) <--------------------------> learner group: Ray Train TorchTrainer,
-      trainer.fit() in a background thread             DeepSpeed per rank (learners/session.py)
+      trainer.fit() in a background thread             DeepSpeed per rank (learners/session.py),
+                                                       each rank's rows of each step streamed from
+                                                       the Parquet shards (Ray Data, learners/feed.py)
       per stage, in order:
         teacher, stage1: log the learners' figures from the Hub; save the result when it arrives
         stage2, consistency: launch the fleet (pipeline/onpolicy.py), open the stage on the Hub,
@@ -149,16 +150,23 @@ def make_trainer(cfg: Config, setup):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from learners.deepspeed_setup import dist_backend
+    from learners.feed import DATASET, RankShards, StepPlan, row_bytes
     from learners.session import FAULT_ENV, session_loop
+    from pipeline.data.schema import read_meta
 
     rc = cfg.ray
     use_gpu = rc.learner_gpus > 0
     resources = {"CPU": rc.learner_cpus, **({"GPU": rc.learner_gpus} if use_gpu else {})}
     env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    plan = StepPlan(cfg, setup.stages, storage_of(cfg) / "learners", row_bytes(setup.data_dir))
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     return TorchTrainer(
         session_loop, train_loop_config={"setup": setup},
+        # each rank's rows of every step, streamed (learners/feed.py); the plan is made again from the resume
+        # point each time Ray Train starts the group
+        datasets={DATASET: plan},
+        dataset_config=RankShards(cfg, setup.data_dir, read_meta(setup.data_dir)["num_rows"]["train"], plan),
         torch_config=TorchConfig(backend=dist_backend(use_gpu)),
         scaling_config=ScalingConfig(num_workers=rc.learners, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name="learners", storage_path=str(storage_of(cfg)),
@@ -195,7 +203,7 @@ class SessionResult:
     """per stage, as the driver saw it: from the end of the stage before (the first stage: from its learners
     beginning it) to the stage's networks handed to `on_result`"""
     startup_seconds: float = 0.0
-    """from the call to the learners beginning the first stage (Ray, the Ray Data read, the learner group's
+    """from the call to the learners beginning the first stage (Ray, the learner group's
     workers and DeepSpeed; for an on-policy first stage also its fleet)"""
 
 
@@ -214,10 +222,10 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
     (a loaded teacher, a finished stage-1 student). `on_result(name, module)` is called as each
     network is finished (the stages save it there). `fresh`: forget earlier checkpoints of this run."""
     from actors.hub import Hub
-    from learners.onpolicy import read_train_split, train_split_of
     from learners.session import SessionSetup
     from pipeline import onpolicy
-    from pipeline.data.schema import read_null_embed
+    from pipeline.data.rows import read_prompt_embeds
+    from pipeline.data.schema import read_meta, read_null_embed
     from pipeline.flowmap import models
 
     t_call = time.perf_counter()
@@ -235,13 +243,16 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
     check_checkpoint(cfg)
     teacher_config = dict(nets["teacher"].config) if "teacher" in nets else models.arch_config(cfg.model.size)
     data_dir = str(Path(data_dir).resolve())
-    train_split = read_train_split(data_dir)  # before any pool is placed: Ray Data's listing needs a CPU
     null_embed = read_null_embed(data_dir)
-    split = train_split_of(train_split, data_dir, null_embed)
+    meta = read_meta(data_dir)
+    # the learners stream their rows (learners/feed.py); the driver reads the prompt table the rollout and
+    # scorer actors hold (every row's prompt embedding, no latent) only for an on-policy stage
+    prompts = read_prompt_embeds(data_dir) if any(s in ONPOLICY for s in stages) else None
+    fleet_null, latent_shape = null_embed.reshape(1, *null_embed.shape[-2:]), tuple(meta["latent_shape"])
     hub = ray.remote(Hub).options(num_cpus=0).remote()
     for name, net in nets.items():
         ray.get(hub.put_net.remote(name, {k: v.detach().cpu() for k, v in net.state_dict().items()}))
-    setup = SessionSetup(cfg, list(stages), data_dir, null_embed, teacher_config, hub, train_split,
+    setup = SessionSetup(cfg, list(stages), data_dir, null_embed, teacher_config, hub,
                          threads=cfg.ray.learner_threads or threads_for(cfg.ray.learner_cpus),
                          onpolicy_threads=cfg.ray.learner_onpolicy_threads or threads_for(cfg.ray.learner_cpus),
                          use_gpu=cfg.ray.learner_gpus > 0)
@@ -255,7 +266,7 @@ def train_session(cfg: Config, stages: list[str], nets: dict[str, torch.nn.Modul
                 began = _follow(cfg, stage, hub, fit, log)
             else:
                 fleet = onpolicy.launch_fleet(cfg, stage, _need(out.nets, "student_stage1"), _need(out.nets, "teacher"),
-                                              split.prompt_embeds, split.null_embed, split.latent_shape)
+                                              prompts, fleet_null, latent_shape)
                 try:
                     ray.get(hub.open_stage.remote(stage, fleet.store, fleet.buffer))
                     start, generation = _begun(stage, hub, fit)

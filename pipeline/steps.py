@@ -57,6 +57,10 @@ class TrainData:
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.latents.shape[1:])
 
+    @property
+    def num_rows(self) -> int:
+        return len(self.latents)
+
     def batch(self, index: torch.Tensor, drop: torch.Tensor | None = None):
         x, cond = self.latents[index], self.prompt_embeds[index]
         if drop is not None:
@@ -130,6 +134,29 @@ def stage2_draws(cfg: Config, stage: str, step: int, num_rows: int, latent_shape
     co = draws.data_draws(cfg.run.seed, stage, step, c.batch_size, num_rows, latent_shape, cfg.model.shift,
                           cfg.data.cond_dropout, fractions)
     return gen, crit, co
+
+
+INDEX_SHAPE = (1, 1, 1, 1)
+"""the latent shape the row plan draws with: every draw takes its row indices from its generator before any
+draw whose size depends on the latent shape (pipeline/flowmap/draws.py), so the indices are those of the
+step's real draws, at a fraction of the cost (tests/test_steps.py checks it)"""
+
+
+def step_rows(cfg: Config, stage: str, step: int, num_rows: int, rows: tuple[int, int]) -> tuple[list[int], list[int]]:
+    """(data rows, prompt rows) of one step for the learner rank that trains rows [start, stop) of its
+    global batch: the sorted global row indices whose latents and prompt embeddings it reads (stage 0 and
+    1 batches, the on-policy co-training batch) and those whose prompt embedding alone it needs (the
+    on-policy generator and critic rollouts). A function of (cfg, stage, step, rows) only, so the rows a
+    learner needs are known before any data is read (the streaming learners, learners/feed.py)."""
+    from pipeline.flowmap.draws import slice_rows
+
+    if stage in ("teacher", "stage1"):
+        d = slice_rows(supervised_draws(cfg, stage, step, num_rows, INDEX_SHAPE), *rows)
+        return sorted(set(d.index.tolist())), []
+    gen, crit, co = (slice_rows(d, *rows) for d in stage2_draws(cfg, stage, step, num_rows, INDEX_SHAPE))
+    data = sorted(set(co.index.tolist())) if getattr(cfg, stage).cotrain_weight > 0 else []
+    prompts = sorted((set(gen.index.tolist()) | set(crit.index.tolist())) - set(data))
+    return data, prompts
 
 
 def grad_calls_of(c: Stage2Config) -> GradCalls:

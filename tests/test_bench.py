@@ -30,7 +30,8 @@ def test_help_lists_every_figure():
 
 
 @pytest.mark.parametrize("args", [["nope"], ["pipeline", "--preset", "huge"], ["pipeline", "--lora-rank", "-1"],
-                                  ["weight_sync", "--size", "huge"], ["weight_sync", "--repeats", "0"]])
+                                  ["weight_sync", "--size", "huge"], ["weight_sync", "--repeats", "0"],
+                                  ["ingest", "--rows", "0"]])
 def test_an_unknown_name_or_preset_is_one_line_on_stderr_and_status_2(args):
     out = _bench(*args, timeout=120)  # weight_sync's --size check imports diffusers (slow on a loaded machine)
     assert out.returncode == 2
@@ -149,3 +150,18 @@ def test_weight_sync_at_the_tiny_size_prints_its_figures_and_the_weights_arrive_
     assert all(math.isfinite(fig[k]) and fig[k] > 0 for k in ("sync_s", "copy_s", "publish_s", "load_s"))
     assert fig["sync_s"] >= fig["publish_s"] and fig["lora_sync_s"]["2"] > 0
     assert fig["peak_rss_bytes"] > fig["bytes"]
+
+
+def test_ingest_at_a_tiny_size_prints_flat_streaming_figures_and_each_step_holds_its_rows_only(tmp_path):
+    """`python -m pipeline.bench ingest` on tiny rows (the streaming path only, to stay fast): the JSON
+    contract, the learner held one step's rows at a time, and the datasets are cleaned up."""
+    out = _bench("ingest", "--rows", "16", "--scale", "2", "--row-mb", "0.05", "--steps", "3", "--batch-size", "2",
+                 "--no-old", "--output-dir", str(tmp_path / "ingest"), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fig = json.loads(out.stdout.strip().splitlines()[-1])
+    assert fig["rows"] == {"1x": 16, "2x": 32} and fig["row_bytes"] > 0.04 * 2**20
+    for key in ("stream_1x", "stream_2x"):
+        assert fig["peak_rss_bytes"][key] >= fig["base_rss_bytes"][key] > 0
+        assert fig["steps_per_s"][key] > 0 and 1 <= fig["max_held_rows"][key] <= 2
+    assert fig["stream_peak_ratio"] > 0 and "whole_peak_ratio" not in fig
+    assert not (tmp_path / "ingest").exists()

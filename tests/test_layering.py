@@ -41,7 +41,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_flowmap_and_data_import_without_ray_mlflow_deepspeed():
     mods = ["pipeline.flowmap." + m for m in ("schedule", "models", "losses", "simulate", "oracle", "draws", "optim",
                                               "lora", "far")]
-    mods += ["pipeline.data.schema", "pipeline.data.toy", "pipeline.data.video", "pipeline.evaluate", "pipeline.reference",
+    mods += ["pipeline.data.schema", "pipeline.data.rows", "pipeline.data.toy", "pipeline.data.video", "pipeline.evaluate", "pipeline.reference",
              "pipeline.config",
              "pipeline.steps", "pipeline.guard", "pipeline.metrics", "pipeline.weightsync"]
     # LoRA's peft and accelerate are imported when adapters are added and merged: that must not pull them in

@@ -10,7 +10,7 @@ TINY = [
     "stage2.batch_size=4", "stage2.num_steps_choices=[1, 2, 3]",
     # exercise the warm-up schedules and the EMA's decay within the tests' 20 steps
     "stage2.optim.warmup=5", "stage2.optim.ema_start=5", "stage2.critic_optim.warmup=3",
-    # small pools: 4 logical CPUs hold every pool plus the one CPU Ray Data's file listing takes
+    # small pools: 4 logical CPUs hold every pool with one to spare (the learners' row stream takes 0 CPUs)
     "ray.backend=ray", "ray.colocate=false", "ray.rollout_cpus=0.5", "ray.scorer_cpus=0.5", "ray.learner_cpus=0.75",
     # strictly on-policy unless a test says otherwise: the reference comparisons need lag 0
     "ray.max_policy_lag=0", "ray.learner_threads=1",
