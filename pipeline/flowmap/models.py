@@ -32,6 +32,15 @@ SIZE_PRESETS: dict[str, dict] = {
     # 16x16 toy frames in 4x4 patches: 128 tokens for 8 frames, ~0.1 s per training step on 2 cores
     "toy": dict(num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=3, patch_size=(1, 4, 4),
                 text_dim=32, freq_dim=64, in_channels=4, out_channels=4, rope_max_seq_len=64),
+    # screening candidates for issue 12 (docs/toy-world.md, "Second round"): not defaults, kept so the
+    # screens can be repeated. A temporal patch (p_t > 1) is not offered: AnyFlowTransformer3DModel unpacks
+    # its output with the spatial patch only and takes one timestep per latent frame, so its student breaks.
+    "toy_h8": dict(num_attention_heads=8, attention_head_dim=8, ffn_dim=128, num_layers=3, patch_size=(1, 4, 4),
+                   text_dim=32, freq_dim=64, in_channels=4, out_channels=4, rope_max_seq_len=64),
+    "toy_h24": dict(num_attention_heads=4, attention_head_dim=24, ffn_dim=192, num_layers=3, patch_size=(1, 4, 4),
+                    text_dim=32, freq_dim=64, in_channels=4, out_channels=4, rope_max_seq_len=64),
+    "toy_wide": dict(num_attention_heads=8, attention_head_dim=16, ffn_dim=256, num_layers=4, patch_size=(1, 4, 4),
+                     text_dim=32, freq_dim=64, in_channels=4, out_channels=4, rope_max_seq_len=64),
     "toy8": dict(num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=3, patch_size=(1, 2, 2),
                  text_dim=32, freq_dim=64, in_channels=4, out_channels=4, rope_max_seq_len=64),
     "wan2.1-1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
