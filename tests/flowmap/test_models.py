@@ -64,7 +64,7 @@ def test_folder_of_another_model_is_a_clear_error(tmp_path):
     folder = tmp_path / "unet"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
-    with pytest.raises(ValueError, match="not a Wan or AnyFlow transformer"):
+    with pytest.raises(ValueError, match="not a Wan, AnyFlow or AnyFlow-FAR transformer"):
         models.load_student(folder)
 
 
