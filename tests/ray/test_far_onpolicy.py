@@ -9,6 +9,7 @@ import torch
 from pipeline import distributed, reference, steps
 from pipeline.config import load_config
 from pipeline.data.schema import read_null_embed, read_split
+from tests.ray.conftest import reference_stage2
 
 pytestmark = pytest.mark.ray
 
@@ -35,15 +36,7 @@ def far_reference(tiny_world, far_nets):
     _, data_dir, _, _ = tiny_world
     teacher, student = far_nets
     cfg = _config(tiny_world, "far-reference")
-    data = reference.TrainData.from_dataset(read_split(data_dir, "train"), read_null_embed(data_dir))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        figures = []
-        nets = reference.train_stage2(cfg, "stage2", student, teacher, data, lambda s, i, f: figures.append(f))
-    finally:
-        torch.set_num_threads(before)
-    return figures, nets
+    return reference_stage2(cfg, data_dir, student, teacher)
 
 
 @pytest.mark.parametrize("learners", [1, 2])

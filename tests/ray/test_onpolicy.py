@@ -7,9 +7,10 @@ import time
 import pytest
 import torch
 
-from pipeline import distributed, onpolicy, reference
+from pipeline import distributed, onpolicy
 from pipeline.config import load_config
-from pipeline.data.schema import read_meta, read_null_embed, read_split
+from pipeline.data.schema import read_meta
+from tests.ray.conftest import reference_stage2
 
 pytestmark = pytest.mark.ray
 
@@ -27,15 +28,7 @@ def reference_run(tiny_world):
     """The reference's per-step figures and (student EMA, critic) at the global batch the Ray runs use."""
     _, data_dir, teacher, student = tiny_world
     cfg = _config(tiny_world, "reference")
-    data = reference.TrainData.from_dataset(read_split(data_dir, "train"), read_null_embed(data_dir))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        figures = []
-        nets = reference.train_stage2(cfg, "stage2", student, teacher, data, lambda s, i, f: figures.append(f))
-    finally:
-        torch.set_num_threads(before)
-    return figures, nets
+    return reference_stage2(cfg, data_dir, student, teacher)
 
 
 class GetSpy:
