@@ -175,18 +175,7 @@ def export_student(cfg: Config, student: AnyFlowTransformer3DModel, folder: Path
     text encoder); `AnyFlowPipeline.from_pretrained(folder, tokenizer=None, text_encoder=None)`
     loads it and `AnyFlowTransformer3DModel.from_pretrained(folder, subfolder="transformer")`
     loads the student alone."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(folder / "transformer", safe_serialization=True)
-    FlowMapEulerDiscreteScheduler(shift=cfg.model.shift).save_pretrained(folder / "scheduler")
-    (vae or toy_vae(student.config.in_channels)).save_pretrained(folder / "vae", safe_serialization=True)
-    index = {"_class_name": "AnyFlowPipeline", "_diffusers_version": _diffusers_version(),
-             "scheduler": ["diffusers", "FlowMapEulerDiscreteScheduler"],
-             "text_encoder": [None, None], "tokenizer": [None, None],
-             "transformer": ["diffusers", "AnyFlowTransformer3DModel"],
-             "vae": ["diffusers", "AutoencoderKLWan"]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    return _export_pipeline(cfg, student, folder, vae, "AnyFlowPipeline")
 
 
 def export_far_student(cfg: Config, student: AnyFlowFARTransformer3DModel, folder: Path,
@@ -196,15 +185,21 @@ def export_far_student(cfg: Config, student: AnyFlowFARTransformer3DModel, folde
     it, `AnyFlowFARTransformer3DModel.from_pretrained(folder, subfolder="transformer")` the student alone.
     Its config carries the chunk partition and full-resolution limit it was trained with; it was trained in
     diffusers' padding form (model.far.pad, docs/far.md), so the pipeline samples it as trained."""
+    return _export_pipeline(cfg, student, folder, vae, "AnyFlowFARPipeline")
+
+
+def _export_pipeline(cfg: Config, student, folder: Path, vae: AutoencoderKLWan | None, pipeline_class: str) -> Path:
+    """The folder of a diffusers `pipeline_class` around `student` (its class names the transformer): the
+    student, a FlowMapEulerDiscreteScheduler at `model.shift`, a VAE (the toy one by default), no text encoder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(folder / "transformer", safe_serialization=True)
     FlowMapEulerDiscreteScheduler(shift=cfg.model.shift).save_pretrained(folder / "scheduler")
     (vae or toy_vae(student.config.in_channels)).save_pretrained(folder / "vae", safe_serialization=True)
-    index = {"_class_name": "AnyFlowFARPipeline", "_diffusers_version": _diffusers_version(),
+    index = {"_class_name": pipeline_class, "_diffusers_version": _diffusers_version(),
              "scheduler": ["diffusers", "FlowMapEulerDiscreteScheduler"],
              "text_encoder": [None, None], "tokenizer": [None, None],
-             "transformer": ["diffusers", "AnyFlowFARTransformer3DModel"],
+             "transformer": ["diffusers", type(student).__name__],
              "vae": ["diffusers", "AutoencoderKLWan"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
