@@ -9,12 +9,14 @@ therefore takes its data as a Ray Data pipeline, sharded across the ranks by Ray
     driver:      TorchTrainer(datasets={"rows": StepPlan(...)}, dataset_config=RankShards(...))
     StepPlan     (called by Ray Train each time it starts the worker group, so a restored group or a
                  run started again gets a plan that begins at the checkpoint it resumes from):
-                 ray.data.from_items([(stage, step) for every step of the session from the resume point])
-    RankShards   (a ray.train.DataConfig): rank r's shard = plan.map_batches(read_step_rows, rank=r):
+                 ray.data.from_items([(stage, step, every rank's rows of it) for every step of the
+                 session from the resume point]) (`plan_items`)
+    RankShards   (a ray.train.DataConfig): rank r's shard = plan.map_batches(read_plan_rows, rank=r):
                  for each step, the rows rank r needs, read from the Parquet shards by (shard, row
-                 group, offset) (`pipeline.data.rows.RowReader`), one output row per step; in plan order
+                 group, offset) (`pipeline.data.rows`), one output row per step; in plan order
                  (preserve_order), read tasks capped at `data.stream_prefetch` in flight, 0 CPUs each
-                 (the cluster's CPUs belong to the pools; the reads are I/O)
+                 (the cluster's CPUs belong to the pools; the reads are I/O); Ray Data's scheduling
+                 loop, which runs in the learner's process, sleeps while it can only wait (`IdleBackoff`)
     learner r:   ray.train.get_dataset_shard("rows").iter_batches(batch_size=1, prefetch_batches=...)
                  -> `StreamedRows.at(stage, step)` before each step; `batch(index, drop)` serves the
                  step's rows and refuses any row it was not sent.
@@ -29,14 +31,17 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
 import torch
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.train import DataConfig
 
 from pipeline import steps
 from pipeline.config import Config
+from pipeline.data.rows import read_plan_rows
 from pipeline.flowmap import losses
 
 SUPERVISED = ("teacher", "stage1")
@@ -46,30 +51,26 @@ rows with latents, generator and critic rollout rows with prompt embeddings)"""
 DATASET = "rows"
 """the name of the row stream among the trainer's datasets"""
 
-_READERS: dict[tuple[str, int], object] = {}
-
-
-def _reader(data_dir: str):
-    """One RowReader per process and dataset (a read task's worker process serves many steps, and Ray reuses
-    it across runs: the key includes dataset.json's modification time, so a folder written again is read
-    again)."""
-    from pipeline.data.rows import RowReader
-    from pipeline.data.schema import META_FILE
-
-    key = (data_dir, os.stat(os.path.join(data_dir, META_FILE)).st_mtime_ns)
-    if key not in _READERS:
-        _READERS.clear()
-        _READERS[key] = RowReader(data_dir, "train")
-    return _READERS[key]
-
-
-def plan_items(cfg: Config, stages: list[str], start: tuple[str, int] | None) -> list[dict]:
-    """Every (stage, step) the session trains, in order, from `start` (the resumed stage and step) on."""
+def plan_items(cfg: Config, stages: list[str], start: tuple[str, int] | None,
+               num_rows: int | None = None) -> list[dict]:
+    """Every (stage, step) the session trains, in order, from `start` (the resumed stage and step) on; with
+    `num_rows` (the train split's rows) also the rows every learner rank reads at that step (`data_rows`,
+    `prompt_rows`: one list of global indices per rank, `steps.step_rows`). The plan carries them so that a
+    read task needs no draw, hence not `pipeline.steps` and the model code it imports (about 10 s of CPU
+    per fresh worker process against 2 s for `pipeline.data.rows`)."""
     at = 0 if start is None else stages.index(start[0])
+    world = cfg.ray.learners
     items = []
     for stage in stages[at:]:
         first = start[1] if start is not None and stage == start[0] else 0
-        items += [{"stage": stage, "step": i} for i in range(first, getattr(cfg, stage).steps)]
+        batch = getattr(cfg, stage).batch_size
+        for i in range(first, getattr(cfg, stage).steps):
+            item = {"stage": stage, "step": i}
+            if num_rows is not None:
+                rows = [steps.step_rows(cfg, stage, i, num_rows, steps.rank_rows(batch, world, r))
+                        for r in range(world)]
+                item["data_rows"], item["prompt_rows"] = [d for d, _ in rows], [p for _, p in rows]
+            items.append(item)
     return items
 
 
@@ -92,9 +93,9 @@ class StepPlan:
     plan dataset from the step the group resumes at."""
 
     def __init__(self, cfg: Config, stages: list[str], storage: str | None = None, row_bytes: int = 0,
-                 start: tuple[str, int] | None = None):
+                 start: tuple[str, int] | None = None, num_rows: int = 0):
         self.cfg, self.stages, self.storage = cfg, list(stages), None if storage is None else str(storage)
-        self.row_bytes, self.start = row_bytes, start
+        self.row_bytes, self.start, self.num_rows = row_bytes, start, num_rows
 
     def step_bytes(self) -> int:
         """The most bytes of rows one rank reads for one step of the session's stages."""
@@ -116,10 +117,13 @@ class StepPlan:
     def __call__(self):
         import ray
 
+        if self.num_rows <= 0:
+            raise ValueError("StepPlan needs num_rows (the train split's rows) to plan each rank's rows")
         start = self.start if self.start is not None else resume_start(self.storage, self.stages)
-        items = plan_items(self.cfg, self.stages, start)
+        items = plan_items(self.cfg, self.stages, start, self.num_rows)
         if not items:  # every step done: an empty plan still needs a schema
-            items = [{"stage": "", "step": -1}]
+            empty = [[] for _ in range(self.cfg.ray.learners)]
+            items = [{"stage": "", "step": -1, "data_rows": empty, "prompt_rows": empty}]
         return ray.data.from_items(items, override_num_blocks=-(-len(items) // self.steps_per_block()))
 
 
@@ -131,45 +135,59 @@ def row_bytes(data_dir: str) -> int:
     return 4 * (int(np.prod(meta["latent_shape"])) + int(np.prod(meta["embed_shape"])))
 
 
-def read_step_rows(batch: pa.Table, *, cfg: Config, data_dir: str, rank: int, world: int,
-                   num_rows: int) -> pa.Table:
-    """map_batches function: for every (stage, step) of `batch`, the rows rank `rank` needs, one output row
-    per step (`data_rows`, `prompt_rows`: global indices; `latents`, `prompt_embeds`: raw float32 bytes)."""
-    reader = _reader(data_dir)
-    out = {"stage": [], "step": [], "rank": [], "data_rows": [], "prompt_rows": [], "latents": [],
-           "prompt_embeds": []}
-    for stage, step in zip(batch.column("stage").to_pylist(), batch.column("step").to_pylist()):
-        if step < 0:
-            continue
-        c = getattr(cfg, stage)
-        data_rows, prompt_rows = steps.step_rows(cfg, stage, step, num_rows, steps.rank_rows(c.batch_size, world, rank))
-        latents, embeds = reader.read(data_rows + prompt_rows)
-        out["stage"].append(stage)
-        out["step"].append(step)
-        out["rank"].append(rank)
-        out["data_rows"].append(data_rows)
-        out["prompt_rows"].append(prompt_rows)
-        out["latents"].append(latents[:len(data_rows)].numpy().tobytes())
-        out["prompt_embeds"].append(embeds.numpy().tobytes())
-    return pa.table({"stage": pa.array(out["stage"], pa.string()), "step": pa.array(out["step"], pa.int64()),
-                     "rank": pa.array(out["rank"], pa.int64()),
-                     "data_rows": pa.array(out["data_rows"], pa.list_(pa.int64())),
-                     "prompt_rows": pa.array(out["prompt_rows"], pa.list_(pa.int64())),
-                     "latents": pa.array(out["latents"], pa.large_binary()),
-                     "prompt_embeds": pa.array(out["prompt_embeds"], pa.large_binary())})
+class IdleBackoff(ExecutionCallback):
+    """Sleeps Ray Data's scheduling loop while it can only wait for the learner.
+
+    The streaming executor runs in the learner's own process (a thread of `iter_batches`). Its loop blocks in
+    `ray.wait` on the read tasks in flight, but once the read-ahead budget is full a task's next output is
+    ready and may not be taken (output backpressure), so `ray.wait` returns at once and the loop spins,
+    holding the GIL about a third of the time. py-spy on a stage-1 learner (default run, Ray 2.60): that
+    thread ran in 98 % of the samples beside the training thread, whose small-op steps then took 2.5-3x as
+    long until the plan was read (the stage ran at 0.6-0.8 it/s against 2.9 in one process).
+
+    After a loop step in which some operator is in output backpressure or has no task in flight, this
+    callback sleeps `IDLE_SLEEP_S`: the loop then polls about 50 times a second while the learner trains.
+    The added latency (at most `IDLE_SLEEP_S` before a freed budget is used) is hidden by the read-ahead of
+    `data.stream_prefetch` blocks. Registered through `DataContext.custom_execution_callback_classes`; the
+    callback interface and the operator state it reads are Ray Data internals (Ray 2.60); where they are
+    missing it sleeps after every step."""
+
+    IDLE_SLEEP_S = 0.02
+
+    def __init__(self):
+        self.idle_steps = 0
+
+    @staticmethod
+    def _busy(executor) -> bool:
+        """Whether the loop's next `ray.wait` will block: some task in flight and no output held back."""
+        try:
+            ops = list(executor._topology)
+            return any(op.get_active_tasks() for op in ops) and \
+                not any(op._in_task_output_backpressure for op in ops)
+        except AttributeError:
+            return False
+
+    def on_execution_step(self, executor) -> None:
+        if self._busy(executor):
+            return
+        self.idle_steps += 1
+        time.sleep(self.IDLE_SLEEP_S)
 
 
-def rank_stream(plan, cfg: Config, data_dir: str, rank: int, world: int, num_rows: int, prefetch: int,
-                budget: int | None = None):
+def rank_stream(plan, cfg: Config, data_dir: str, rank: int, prefetch: int, budget: int | None = None):
     """Rank `rank`'s shard of the plan: its rows of every step, in plan order, read ahead within `budget`
     bytes of the object store (`StepPlan.read_ahead_bytes`) when given."""
-    fn = functools.partial(read_step_rows, cfg=cfg, data_dir=data_dir, rank=rank, world=world, num_rows=num_rows)
+    # a function of pipeline.data.rows: what a read task's fresh worker process imports is the data code only
+    fn = functools.partial(read_plan_rows, data_dir=data_dir, rank=rank)
     shard = plan.map_batches(fn, batch_size=1, batch_format="pyarrow", num_cpus=0, concurrency=max(1, prefetch))
     options = shard.context.execution_options
     options.preserve_order = True  # steps in plan order
     if budget is not None:
         options.resource_limits = options.resource_limits.copy(object_store_memory=budget)
     shard.context.enable_progress_bars = False
+    if IdleBackoff not in shard.context.custom_execution_callback_classes:
+        shard.context.custom_execution_callback_classes = [*shard.context.custom_execution_callback_classes,
+                                                           IdleBackoff]
     return shard
 
 
@@ -186,8 +204,7 @@ class RankShards(DataConfig):
         out = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             for r in range(world_size):
-                shard = rank_stream(ds, self.cfg, self.data_dir, r, world_size, self.num_rows,
-                                    self.cfg.data.stream_prefetch, self.budget)
+                shard = rank_stream(ds, self.cfg, self.data_dir, r, self.cfg.data.stream_prefetch, self.budget)
                 out[r][name] = shard.iterator()
         return out
 
@@ -301,9 +318,8 @@ def stream_for(s, rank: int, device: torch.device, stage_order: list[str]) -> St
 
     def reopen(stage: str, step: int):
         """This rank's stream from (stage, step) on, outside Ray Train's datasets (see `StreamedRows.at`)."""
-        plan = StepPlan(s.cfg, s.stages, None, row_bytes(s.data_dir), start=(stage, step))
-        mine = rank_stream(plan(), s.cfg, s.data_dir, rank, world, n, s.cfg.data.stream_prefetch,
-                           plan.read_ahead_bytes())
+        plan = StepPlan(s.cfg, s.stages, None, row_bytes(s.data_dir), start=(stage, step), num_rows=n)
+        mine = rank_stream(plan(), s.cfg, s.data_dir, rank, s.cfg.data.stream_prefetch, plan.read_ahead_bytes())
         return _batches(mine, s.cfg.data.stream_prefetch)
 
     return StreamedRows.from_shard(shard, meta["latent_shape"], meta["embed_shape"], n, s.null_embed, device,

@@ -127,7 +127,8 @@ def run_learners(cfg, data_dir: Path, mode: str, learners: int, out: Path) -> li
 
     kw = {}
     if mode == "stream":
-        plan = StepPlan(cfg, ["stage1"], None, row_bytes(str(data_dir)))
+        plan = StepPlan(cfg, ["stage1"], None, row_bytes(str(data_dir)),
+                        num_rows=read_meta(data_dir)["num_rows"]["train"])
         kw = dict(datasets={DATASET: plan},
                   dataset_config=RankShards(cfg, str(data_dir), read_meta(data_dir)["num_rows"]["train"], plan))
     trainer = TorchTrainer(worker_loop, train_loop_config={"cfg": cfg, "data_dir": str(data_dir), "mode": mode,

@@ -158,7 +158,8 @@ def make_trainer(cfg: Config, setup):
     use_gpu = rc.learner_gpus > 0
     resources = {"CPU": rc.learner_cpus, **({"GPU": rc.learner_gpus} if use_gpu else {})}
     env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
-    plan = StepPlan(cfg, setup.stages, storage_of(cfg) / "learners", row_bytes(setup.data_dir))
+    plan = StepPlan(cfg, setup.stages, storage_of(cfg) / "learners", row_bytes(setup.data_dir),
+                    num_rows=read_meta(setup.data_dir)["num_rows"]["train"])
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     return TorchTrainer(

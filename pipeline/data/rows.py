@@ -13,6 +13,7 @@ default, `pipeline.prepare` min(64, shard_rows)), never the split.
 from __future__ import annotations
 
 import bisect
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -97,3 +98,54 @@ def read_prompt_embeds(folder: str | Path, split: str = "train") -> torch.Tensor
         raise DatasetError(f"{folder / split}: {len(out)} rows in shards, dataset.json says {meta['num_rows'][split]}")
     return out
 
+
+
+_READERS: dict[tuple[str, int], RowReader] = {}
+
+
+def _reader(data_dir: str) -> RowReader:
+    """One RowReader per process and dataset (a read task's worker process serves many steps, and Ray reuses
+    it across runs: the key includes dataset.json's modification time, so a folder written again is read
+    again)."""
+    from pipeline.data.schema import META_FILE
+
+    key = (data_dir, os.stat(os.path.join(data_dir, META_FILE)).st_mtime_ns)
+    if key not in _READERS:
+        _READERS.clear()
+        _READERS[key] = RowReader(data_dir, "train")
+    return _READERS[key]
+
+
+def read_plan_rows(batch: pa.Table, *, data_dir: str, rank: int) -> pa.Table:
+    """The streaming learners' read task (a `map_batches` function, learners/feed.py): for every step of a
+    block of the step plan (`stage`, `step`, and per rank the global `data_rows` and `prompt_rows` it
+    reads), rank `rank`'s rows, one output row per step: `data_rows`, `prompt_rows` (its indices),
+    `latents` (of the data rows) and `prompt_embeds` (of both, in that order) as raw float32 bytes.
+    Plan rows with a negative step (the placeholder of an empty plan) are skipped."""
+    reader = _reader(data_dir)
+    plan = batch.to_pydict()
+    todo = [(stage, step, list(d[rank]), list(p[rank]))
+            for stage, step, d, p in zip(plan["stage"], plan["step"], plan["data_rows"], plan["prompt_rows"])
+            if step >= 0]
+    # one read for the whole block: its steps share row groups (a toy block of 15 steps touches every row
+    # group of the split), and each row group is then decoded once, not once per step
+    wanted = sorted({i for _, _, d, p in todo for i in d + p})
+    latents, embeds = reader.read(wanted) if wanted else (None, None)
+    at = {i: k for k, i in enumerate(wanted)}
+    out = {"stage": [], "step": [], "rank": [], "data_rows": [], "prompt_rows": [], "latents": [],
+           "prompt_embeds": []}
+    for stage, step, data_rows, prompt_rows in todo:
+        pos = torch.tensor([at[i] for i in data_rows + prompt_rows], dtype=torch.long)
+        out["stage"].append(stage)
+        out["step"].append(step)
+        out["rank"].append(rank)
+        out["data_rows"].append(data_rows)
+        out["prompt_rows"].append(prompt_rows)
+        out["latents"].append(latents[pos[:len(data_rows)]].numpy().tobytes())
+        out["prompt_embeds"].append(embeds[pos].numpy().tobytes())
+    return pa.table({"stage": pa.array(out["stage"], pa.string()), "step": pa.array(out["step"], pa.int64()),
+                     "rank": pa.array(out["rank"], pa.int64()),
+                     "data_rows": pa.array(out["data_rows"], pa.list_(pa.int64())),
+                     "prompt_rows": pa.array(out["prompt_rows"], pa.list_(pa.int64())),
+                     "latents": pa.array(out["latents"], pa.large_binary()),
+                     "prompt_embeds": pa.array(out["prompt_embeds"], pa.large_binary())})

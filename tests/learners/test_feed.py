@@ -5,10 +5,10 @@ rows exactly as the whole split does while holding only that step's rows."""
 import pytest
 import torch
 
-from learners.feed import StreamedRows, plan_items, read_step_rows
+from learners.feed import StreamedRows, plan_items
 from pipeline import steps
 from pipeline.config import load_config
-from pipeline.data.rows import RowReader, read_prompt_embeds
+from pipeline.data.rows import RowReader, read_plan_rows, read_prompt_embeds
 from pipeline.data.schema import LatentDataset, read_null_embed, read_split, write_dataset
 
 N, LATENT, EMBED = 37, (2, 3, 4, 4), (5, 6)
@@ -67,9 +67,10 @@ def test_the_row_plan_draws_the_indices_of_the_real_draws(stage):
 def _records(cfg, data_dir, stages, rank, world, start=None):
     import pyarrow as pa
 
-    for item in plan_items(cfg, stages, start):
-        table = pa.table({"stage": [item["stage"]], "step": [item["step"]]})
-        yield read_step_rows(table, cfg=cfg, data_dir=str(data_dir), rank=rank, world=world, num_rows=N)
+    cfg.ray.learners = world
+    for item in plan_items(cfg, stages, start, N):
+        table = pa.Table.from_pylist([item])
+        yield read_plan_rows(table, data_dir=str(data_dir), rank=rank)
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -155,3 +156,50 @@ def test_a_stream_that_begins_after_the_resume_step_is_reopened_there_once(data_
         d = steps.supervised_draws(cfg, "stage1", step, N, LATENT)
         assert torch.equal(fed.batch(d.index[:4])[0], split.latents[d.index[:4]])
     assert opened == [("stage1", 2)] and fed.reopened == 1
+
+
+def test_the_read_task_module_imports_no_model_code():
+    """A read task runs in a fresh Ray worker process: what it imports is paid once per worker (pipeline.steps
+    and diffusers took about 10 s of CPU beside the learner, the regression of the default run)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.data.rows; "
+            "print(sorted(m for m in ('diffusers', 'pipeline.steps', 'ray', 'learners.feed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+class _Op:
+    def __init__(self, active: int, held_back: bool, done: bool = False):
+        self.active, self._in_task_output_backpressure, self.done = active, held_back, done
+
+    def get_active_tasks(self):
+        return [object()] * self.active
+
+    def has_completed(self):
+        return self.done
+
+
+class _Executor:
+    def __init__(self, *ops):
+        self._topology = {op: None for op in ops}
+
+
+@pytest.mark.parametrize("ops, sleeps", [
+    ([_Op(0, False), _Op(1, False)], False),  # a task in flight, its outputs taken: ray.wait blocks
+    ([_Op(0, False), _Op(0, False)], True),  # nothing in flight: the loop would spin
+    ([_Op(0, False), _Op(2, True)], True),  # outputs held back by the read-ahead budget: ray.wait returns at once
+])
+def test_the_scheduling_loop_sleeps_only_when_it_cannot_block(monkeypatch, ops, sleeps):
+    from learners import feed
+
+    slept = []
+    monkeypatch.setattr(feed.time, "sleep", slept.append)
+    cb = feed.IdleBackoff()
+    cb.on_execution_step(_Executor(*ops))
+    assert slept == ([feed.IdleBackoff.IDLE_SLEEP_S] if sleeps else [])
+    # without the executor's topology (another Ray version) it always sleeps
+    slept.clear()
+    cb.on_execution_step(object())
+    assert slept == [feed.IdleBackoff.IDLE_SLEEP_S]

@@ -22,7 +22,7 @@ def test_each_rank_shard_streams_its_rows_of_every_step_in_order(ray_cluster, ti
     whole = steps.TrainData(split.latents, split.prompt_embeds, null[None])
     # a read task per step (a tiny block size) within the pipeline's read-ahead budget
     cfg.data.stream_block_mb, cfg.ray.learners = 1e-4, world
-    plan = StepPlan(cfg, stages, None, row_bytes(str(data_dir)))
+    plan = StepPlan(cfg, stages, None, row_bytes(str(data_dir)), num_rows=n)
     assert plan.steps_per_block() == 1
     shards = RankShards(cfg, str(data_dir), n, plan).configure({"rows": plan()}, world, None, None)
     for rank in range(world):
