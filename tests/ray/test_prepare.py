@@ -2,6 +2,7 @@
 dataset (stopped after its first chunk and started again) shared by the module's tests."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -142,9 +143,13 @@ def test_a_rows_latents_decode_to_its_clip_within_the_vaes_own_error(prepared):
     torch.testing.assert_close(from_row, round_trip, rtol=1e-4, atol=1e-4)
 
 
-def test_pipeline_run_trains_every_stage_on_the_prepared_dataset(prepared, tmp_path):
+def test_pipeline_run_on_ray_trains_every_stage_on_the_prepared_dataset_and_says_what_ran(prepared, tmp_path,
+                                                                                        capsys):
+    """Every stage with `ray.backend=ray` on the prepared rows: the on-policy stages on the fleet inside a
+    normal run, all in the first stage's Ray session, evaluated and exported."""
     from pipeline.config import load_config
     from pipeline.evaluate import read_eval
+    from pipeline.metrics import LAG_MAX, read_metrics
     from pipeline.stages import run_stages
     from tests.ray.conftest import TINY
 
@@ -154,7 +159,25 @@ def test_pipeline_run_trains_every_stage_on_the_prepared_dataset(prepared, tmp_p
                              "stage1.batch_size=4", "stage2.steps=2", "consistency.steps=2",
                              "consistency.batch_size=4", "consistency.num_steps_choices=[1, 2]",
                              "eval.num_samples=4", "eval.steps=[1, 2]", "eval.ode_ref_steps=2",
-                             "eval.video_prompts=0"])
+                             "eval.video_prompts=0", "run.stages=[teacher, stage1, stage2, consistency, eval, export]"])
     run_dir = run_stages(cfg)
-    assert set(read_eval(run_dir)["models"]) >= {"teacher", "student_stage1", "student", "consistency"}
+    records = read_metrics(run_dir / "metrics.jsonl")
+    for stage in ("stage2", "consistency"):
+        assert [r["step"] for r in records if r["stage"] == stage] == [0, 1], stage
+        assert all(r[LAG_MAX] == 0 for r in records if r["stage"] == stage)
+    assert set(read_eval(run_dir)["models"]) == {"teacher", "student_stage1", "student", "consistency", "data"}
     assert (run_dir / "student" / "model_index.json").is_file()
+    _assert_console_tells_what_ran_on_ray(capsys.readouterr().out, ["teacher", "stage1", "stage2", "consistency"])
+
+
+def _assert_console_tells_what_ran_on_ray(out: str, stages: list[str]) -> None:
+    """Every stage trains in the first stage's Ray session: the first stage's line names the stages it ran
+    and each one's seconds, and each later stage's line repeats its own (not "done in 0s" alone)."""
+    times = ", ".join(rf"{s} (\d+)s" for s in stages)
+    first = re.search(rf"^== {stages[0]} done in (\d+)s: one Ray session trained {', '.join(stages)} \(learner "
+                      rf"start-up (\d+)s, {times}\)$", out, re.M)
+    assert first, out
+    total, startup, *each = map(int, first.groups())
+    assert startup + sum(each) <= total + len(stages)  # parts of the first stage's time, each rounded to a second
+    for stage, seconds in zip(stages[1:], each[1:]):
+        assert re.search(rf"^== {stage} done in \d+s: trained in the Ray session above, in {seconds}s$", out, re.M), out
