@@ -93,6 +93,12 @@ def _assert_refs_only(cfg, result, spy, data_dir):
     assert result.buffer_stats["peak_depth"] <= cfg.ray.buffer_capacity
 
 
+def _stage2_result(out) -> distributed.Result:
+    """A session's stage-2 nets and its buffer and store stats, in the form `_run_ray` returns."""
+    stats = out.stats["stage2"]
+    return distributed.Result(out.nets["student"], out.nets["critic_stage2"], stats["buffer"], stats["store"])
+
+
 def test_lag0_colocated_rollout_and_scorer_actors_match_reference(ray_cluster, tiny_world, reference_run, monkeypatch):
     """`ray.colocate=true`: two actors that each roll out and score their steps, no scorer pool."""
     fleets = []
@@ -145,8 +151,7 @@ def test_two_learners_through_a_learner_failure_match_the_reference_at_the_same_
                   "ray.learners=2", "run.checkpoint_every=5", "run.learner_restarts=1")
     figures, out = learner_fault_run(cfg, after_step=7)
     assert all(f["rollout/lag_max"] == 0 for f in figures)
-    stats = out.stats["stage2"]
-    result = distributed.Result(out.nets["student"], out.nets["critic_stage2"], stats["buffer"], stats["store"])
+    result = _stage2_result(out)
     _assert_matches_reference(figures, reference_run, result)
     assert result.buffer_stats["held_types"] == ["ObjectRef"]
 
@@ -186,8 +191,7 @@ def test_two_rollout_actors_match_the_reference_through_killed_rollout_and_score
     assert [name for name, _ in killed] == [f"{prefix}-rollout-1", f"{prefix}-scorer-0"], killed
     assert [i for i, _ in records] == list(range(STEPS))
     assert records[-1][1][ACTOR_RESTARTS] == 2, [f[ACTOR_RESTARTS] for _, f in records]
-    stats = out.stats["stage2"]
-    result = distributed.Result(out.nets["student"], out.nets["critic_stage2"], stats["buffer"], stats["store"])
+    result = _stage2_result(out)
     figures = [f for _, f in records]
     _assert_matches_reference(figures, reference_run, result)
     assert all(f["rollout/lag_max"] == 0 for f in figures)

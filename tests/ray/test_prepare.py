@@ -14,6 +14,8 @@ from pipeline import prepare
 from pipeline.data import schema, video
 from tests.data.tiny_encoders import make_encoders, moving_square, write_video
 
+pytestmark = pytest.mark.ray
+
 CAPTIONS = ["a red square moving left", "a blue circle moving up", "bright green square moving down slowly"]
 GOOD = 9
 FRAMES, SIZE, FPS = 13, 64, 8  # latents 4 x 4 x 8 x 8: what the tiny DiT of the smoke preset reads
