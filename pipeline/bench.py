@@ -298,13 +298,14 @@ def object_store_figures(runs: list[dict], cfg) -> dict:
 
 
 def timing_figures(ref: list[dict], runs: list[dict]) -> dict:
-    ray_s = {lag: [r["step_s"] for r in runs if r["lag"] == lag] for lag in LAGS}
+    lags = sorted({r["lag"] for r in runs})
+    ray_s = {lag: [r["step_s"] for r in runs if r["lag"] == lag] for lag in lags}
     ref_s = [r["step_s"] for r in ref]
     lag0 = [r for r in runs if r["lag"] == 0]
     ideal = [(r["rollout_s"] + r["learner_s"]) / max(r["rollout_s"], r["learner_s"]) for r in lag0]
     ideal_ref = [a / max(r["rollout_s"], r["learner_s"]) for a, r in zip(ref_s, lag0)]
     overhead = [b / a for a, b in zip(ref_s, ray_s[0])]
-    speedup = {f"lag{lag}": [a / b for a, b in zip(ref_s, ray_s[lag])] for lag in LAGS if lag}
+    speedup = {f"lag{lag}": [a / b for a, b in zip(ref_s, ray_s[lag])] for lag in lags if lag}
     return {
         "overhead": _median(overhead), "overhead_values": overhead,
         "async_speedup": {**{k: _median(v) for k, v in speedup.items()}, "ideal_bound": _median(ideal),
@@ -374,7 +375,7 @@ def _bench_pipeline(args: argparse.Namespace, out: Path) -> dict:
         _say(f"repeat {rep + 1}/{args.repeats}: reference, {args.steps} steps")
         ref.append(run_reference(cfg, student, teacher, data, warmup))
         _say(f"reference: {ref[-1]['step_s']:.3f} s/step")
-        for lag in LAGS:
+        for lag in args.lags:
             _say(f"repeat {rep + 1}/{args.repeats}: Ray at max_policy_lag={lag}, {args.steps} steps")
             run_cfg = bench_config(args.preset, out, f"bench-r{rep}-lag{lag}", args.steps, lag, args.lora_rank,
                                    args.colocate)
@@ -384,7 +385,7 @@ def _bench_pipeline(args: argparse.Namespace, out: Path) -> dict:
     load.append(os.getloadavg()[0])
     return {
         "bench": "pipeline", "preset": args.preset, "steps": args.steps, "warmup_steps": warmup,
-        "repeats": args.repeats, "lora_rank": args.lora_rank, "colocate": args.colocate,
+        "repeats": args.repeats, "lags": list(args.lags), "lora_rank": args.lora_rank, "colocate": args.colocate,
         **timing_figures(ref, runs), "ray_init_s": ray_init_s,
         "rollout_nfe": nfe_figures(runs, cfg.stage2.num_steps_choices),
         **sync_figures(runs, synced_states(cfg, student, teacher),
@@ -443,7 +444,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     figures = "\n".join(f"  {k}: {v}" for k, v in FIGURES.items())
     p = _Parser(prog="python -m pipeline.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Benchmarks; each prints progress, then its figures as one JSON object on the last "
-                            "line of stdout.\n\npipeline: the on-policy stage on Ray (lag 0, 1, 2) against the "
+                            "line of stdout.\n\npipeline: the on-policy stage on Ray (--lags, default 0, 1, 2) against the "
                             "one-process reference, same preset, one process and one local Ray.",
                 epilog="figures of `pipeline`:\n" + figures)
     p.add_argument("name", metavar="NAME", help=f"benchmark: {', '.join([*BENCHES, *SEPARATE])} "
@@ -452,6 +453,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="on-policy steps per run (default 30)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of every run; timing ratios are medians")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default steps // 5)")
+    p.add_argument("--lags", default=",".join(map(str, LAGS)),
+                   help="policy lags to run on Ray, comma-separated; 0 must be among them (the overhead and the "
+                        "ideal bound are lag-0 figures); default %(default)s")
     p.add_argument("--poll-s", type=float, default=0.2, help="object-store polling interval in seconds")
     p.add_argument("--output-dir", default="", help="where runs and data go (default: a temporary folder)")
     p.add_argument("--colocate", action="store_true",
@@ -465,6 +469,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"unknown benchmark {args.name!r}; choose from: {', '.join([*BENCHES, *SEPARATE])}")
     if args.preset not in PRESETS:
         p.error(f"--preset {args.preset!r}: choose from: {', '.join(PRESETS)}")
+    try:
+        args.lags = sorted({int(x) for x in args.lags.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--lags {args.lags!r}: give whole numbers separated by commas, for example 0,1,2")
+    if not args.lags or args.lags[0] != 0:
+        p.error(f"--lags {','.join(map(str, args.lags))}: must include 0 and no negative lag")
     if args.warmup is None:
         args.warmup = max(1, args.steps // 5)
     if args.repeats < 1 or args.poll_s <= 0 or args.warmup < 1 or args.steps - args.warmup < 2:
