@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 
-import ray
 import torch
 from diffusers import WanTransformer3DModel
 

@@ -30,7 +30,6 @@ asked for is an error (records before the resume step are skipped: a plan made f
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import numpy as np
@@ -314,7 +313,7 @@ def stream_for(s, rank: int, device: torch.device, stage_order: list[str]) -> St
 
     meta = read_meta(s.data_dir)
     shard = ray.train.get_dataset_shard(DATASET)
-    world, n = ray.train.get_context().get_world_size(), meta["num_rows"]["train"]
+    n = meta["num_rows"]["train"]
 
     def reopen(stage: str, step: int):
         """This rank's stream from (stage, step) on, outside Ray Train's datasets (see `StreamedRows.at`)."""

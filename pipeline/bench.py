@@ -186,15 +186,12 @@ def steady_seconds(finish_times: list[float], warmup: int) -> float:
 
 
 def run_reference(cfg, student, teacher, data, warmup: int) -> dict:
+    from pipeline import steps
     from pipeline.reference import train_stage2
 
     log = M.MetricsLog(None, totals={"stage2": cfg.stage2.steps})
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
+    with steps.torch_threads(THREADS):
         train_stage2(cfg, "stage2", student, teacher, data, log)
-    finally:
-        torch.set_num_threads(before)
     return {"step_s": steady_seconds([r["time"] for r in log.records], warmup)}
 
 
@@ -224,18 +221,16 @@ def run_ray(cfg, student, teacher, data_dir, warmup: int, poll_s: float) -> dict
 
 def clone_seconds(states: list[dict], reps: int = 20) -> float:
     """Median seconds of a torch clone of every tensor of `states` (the in-memory copy a sync is held to)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        times = []
+    from pipeline import steps
+
+    times = []
+    with steps.torch_threads(THREADS):
         for _ in range(reps):
             t0 = time.perf_counter()
             copies = [{k: v.clone() for k, v in s.items()} for s in states]
             times.append(time.perf_counter() - t0)
             del copies
-        return statistics.median(times)
-    finally:
-        torch.set_num_threads(before)
+    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- the figures

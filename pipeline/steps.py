@@ -16,6 +16,7 @@ makes, and at policy lag 0 the Ray pipeline reproduces the reference step for st
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, fields, replace
 from typing import Callable
@@ -33,6 +34,18 @@ from pipeline.flowmap.simulate import GradCalls, backward_simulate, consistency_
 
 Log = Callable[[str, int, dict], None]
 """log(stage, step, figures): where the stages report per-step figures."""
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with `n` torch CPU threads (as a learner or actor with `n` CPUs does), then restore
+    the caller's count, also on error."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 ENDPOINT_ONLY = PairFractions(diffusion=0.5, endpoint=0.5)
 """the consistency baseline's co-training pairs: no free r, only r = t and r = 0"""

@@ -56,8 +56,8 @@ def test_every_stage_writes_the_contract_outputs(finished_run):
     assert data["ode_error"] == [None] * 3 and data["motion_error"] == [0.0] * 3 and len(set(data["fd"])) == 1
     assert len(list((run_dir / "videos").glob("*.gif"))) >= 2 * 4
     records = read_metrics(run_dir / "metrics.jsonl")
-    for stage, steps in (("teacher", 40), ("stage1", 30), ("stage2", 6), ("consistency", 4)):
-        assert len([r for r in records if r["stage"] == stage]) == steps
+    for stage, count in (("teacher", 40), ("stage1", 30), ("stage2", 6), ("consistency", 4)):
+        assert len([r for r in records if r["stage"] == stage]) == count
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from pipeline import steps
 from pipeline.flowmap.losses import central_difference_dudt
 from pipeline.flowmap.oracle import GaussianMixture
 
@@ -32,10 +33,8 @@ def _noised(mix: GaussianMixture, n: int, t: torch.Tensor, seed: int) -> torch.T
 def _one_thread():
     """The oracle's tensors are tiny; on a busy 2-core machine the OpenMP barriers of exp/log on
     a few thousand elements cost milliseconds each, thousands of times per flow map."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with steps.torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

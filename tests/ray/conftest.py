@@ -48,19 +48,13 @@ def tiny_world(tmp_path_factory):
 def reference_stage2(cfg, data_dir, student, teacher):
     """The one-process stage 2 on the dataset at `data_dir`, in one torch thread (as the Ray roles run):
     (per-step figures, (student EMA, critic)), what the lag-0 equivalence tests compare against."""
-    import torch
-
-    from pipeline import reference
+    from pipeline import reference, steps
     from pipeline.data.schema import read_null_embed, read_split
 
     data = reference.TrainData.from_dataset(read_split(data_dir, "train"), read_null_embed(data_dir))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        figures = []
+    figures = []
+    with steps.torch_threads(1):
         nets = reference.train_stage2(cfg, "stage2", student, teacher, data, lambda s, i, f: figures.append(f))
-    finally:
-        torch.set_num_threads(before)
     return figures, nets
 
 

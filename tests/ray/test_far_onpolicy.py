@@ -5,9 +5,8 @@ step, on two learners at the reference's global batch, in one session with stage
 consistency baseline."""
 
 import pytest
-import torch
 
-from pipeline import distributed, reference
+from pipeline import distributed, reference, steps
 from pipeline.config import load_config
 from pipeline.data.schema import read_null_embed, read_split
 
@@ -39,15 +38,11 @@ def test_far_stages_in_one_session_on_two_learners_match_the_reference(ray_clust
     data = reference.TrainData.from_dataset(read_split(data_dir, "train"), read_null_embed(data_dir))
     stages = ("stage1", "stage2", "consistency")
     want = {s: [] for s in stages}
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        log = lambda s, i, f: want[s].append(f)  # noqa: E731
+    log = lambda s, i, f: want[s].append(f)  # noqa: E731
+    with steps.torch_threads(1):
         ref_stage1 = reference.train_stage1(cfg, teacher, data, log)
         ref_student, ref_critic = reference.train_stage2(cfg, "stage2", ref_stage1, teacher, data, log)
         ref_consistency, _ = reference.train_stage2(cfg, "consistency", ref_stage1, teacher, data, log)
-    finally:
-        torch.set_num_threads(before)
     got = {s: [] for s in stages}
     out = distributed.train_session(cfg, list(stages), {"teacher": teacher}, data_dir,
                                     lambda s, i, f: got[s].append(f))

@@ -6,7 +6,7 @@ exactly as the reference does."""
 import pytest
 import torch
 
-from pipeline import distributed, reference
+from pipeline import reference, steps
 from pipeline.config import load_config
 from pipeline.data.schema import read_null_embed, read_split
 from pipeline.flowmap import lora
@@ -30,13 +30,10 @@ def lora_reference(tiny_world):
     the merged (student EMA, critic)."""
     _, data_dir, teacher, student = tiny_world
     data = reference.TrainData.from_dataset(read_split(data_dir, "train"), read_null_embed(data_dir))
-    before, figures = torch.get_num_threads(), []
-    torch.set_num_threads(1)
-    try:
+    figures = []
+    with steps.torch_threads(1):
         nets = reference.train_stage2(_config(tiny_world, "lora-reference"), "stage2", student, teacher, data,
                                       lambda s, i, f: figures.append(f))
-    finally:
-        torch.set_num_threads(before)
     return figures, nets
 
 

@@ -3,7 +3,6 @@ learner failure (Ray Train restores the group from the newest checkpoint) and a 
 and is started again with the same name (it resumes mid-stage)."""
 
 import pytest
-import torch
 
 from learners.session import FAULT_ENV
 from pipeline import distributed, reference
