@@ -112,6 +112,10 @@ class ToyWorldConfig:
     """Distance a moving shape travels over the clip, as a fraction of the frame (+-20 % per clip), in
     (0, 0.83): at most one frame, so a frame-to-frame step stays far below the half frame beyond which a
     wrapped displacement is ambiguous. The default 0.4 keeps even the first-to-last displacement below it."""
+    motions: list[str] = dataclasses.field(default_factory=lambda: list(MOTIONS))
+    """Motions the clips are drawn from, each equally often (a subset of left, right, up, down, still);
+    the prompt vocabulary and its embeddings stay the whole world's. All five (the default) draw exactly
+    the clips of a world without this key."""
 
     def __post_init__(self) -> None:
         if isinstance(self.travel, bool) or not isinstance(self.travel, (int, float)) \
@@ -119,8 +123,13 @@ class ToyWorldConfig:
             raise ValueError(f"ToyWorldConfig.travel must be a number in (0, 0.83) (at most 1 frame with "
                              f"the +20 % jitter), got {self.travel!r}")
         self.travel = float(self.travel)
+        if (not isinstance(self.motions, (list, tuple)) or not self.motions
+                or any(m not in MOTIONS for m in self.motions) or len(set(self.motions)) != len(self.motions)):
+            raise ValueError(f"ToyWorldConfig.motions must be distinct names from {list(MOTIONS)}, got "
+                             f"{self.motions!r}")
+        self.motions = list(self.motions)
         for f in dataclasses.fields(self):
-            if f.name == "travel":
+            if f.name in ("travel", "motions"):
                 continue
             value = getattr(self, f.name)
             low = 0 if f.name in ("seed", "embed_seed") else 1
@@ -229,7 +238,7 @@ def _clip_params(cfg: ToyWorldConfig, ids: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "colour": (u[0] * len(COLOURS)).astype(np.int64),
         "shape": (u[1] * len(SHAPES)).astype(np.int64),
-        "motion": (u[2] * len(MOTIONS)).astype(np.int64),
+        "motion": np.array([MOTIONS.index(m) for m in cfg.motions])[(u[2] * len(cfg.motions)).astype(np.int64)],
         "size": 0.2 * (1.0 + 0.3 * (u[3] - 0.5)),       # half-size, fraction of min(H, W)
         "travel": cfg.travel * (1.0 + 0.4 * (u[4] - 0.5)),  # distance over the clip, fraction of frame
         "x": u[5],                                      # mid-clip centre, fraction of width (torus)

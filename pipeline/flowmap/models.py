@@ -43,6 +43,14 @@ SIZE_PRESETS: dict[str, dict] = {
                      text_dim=32, freq_dim=64, in_channels=4, out_channels=4, rope_max_seq_len=64),
     "toy8": dict(num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=3, patch_size=(1, 2, 2),
                  text_dim=32, freq_dim=64, in_channels=4, out_channels=4, rope_max_seq_len=64),
+    # 2 heads x 32 at toy8's width (inner dim 64: the same parameters and FLOPs): 3D RoPE then has 5
+    # frequencies per spatial axis and 6 in time (toy8: 2 and 4), for offsets that depend on the prompt
+    "toy8_h2": dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=3, patch_size=(1, 2, 2),
+                    text_dim=32, freq_dim=64, in_channels=4, out_channels=4, rope_max_seq_len=64),
+    # toy8 with a fourth block: a Wan block's self-attention comes before its cross-attention, so the first
+    # block's self-attention never sees the prompt; with 4 blocks three of them can move tokens by it
+    "toy8_l4": dict(num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=4, patch_size=(1, 2, 2),
+                    text_dim=32, freq_dim=64, in_channels=4, out_channels=4, rope_max_seq_len=64),
     "wan2.1-1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
                         text_dim=4096, freq_dim=256, in_channels=16, out_channels=16),
     "wan2.1-14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,

@@ -35,7 +35,7 @@ SHIPPED = {"toy": Path(__file__).parent / "toy"}
 """model.size -> the folder of the teacher shipped for it"""
 STAMP = "teacher.json"
 """the file in a teacher folder that says which world and schema it was made for"""
-WORLD_FIELDS = ("frames", "channels", "height", "width", "travel", "embed_len", "embed_dim", "embed_seed")
+WORLD_FIELDS = ("frames", "channels", "height", "width", "travel", "motions", "embed_len", "embed_dim", "embed_seed")
 """the ToyWorldConfig fields a teacher depends on: the clips' distribution and the prompt encoder
 (not the split sizes, the sampling seed or the shard size)"""
 REBUILD = "python -m pipeline.run --config toy-teacher && python -m pipeline.teachers runs/toy-teacher"

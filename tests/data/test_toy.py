@@ -43,12 +43,14 @@ def test_default_config_values():
     assert (cfg.frames, cfg.channels, cfg.height, cfg.width) == (8, 4, 16, 16)
     assert (cfg.num_train, cfg.num_heldout, cfg.seed) == (2048, 256, 0)
     assert (cfg.embed_len, cfg.embed_dim, cfg.embed_seed, cfg.shard_rows) == (8, 32, 0, 512)
-    assert cfg.travel == 0.4
+    assert cfg.travel == 0.4 and cfg.motions == list(toy.MOTIONS)
 
 
 @pytest.mark.parametrize("field, value", [("frames", 0), ("width", -1), ("seed", -1),
                                           ("embed_len", 3), ("shard_rows", 1.5), ("travel", 0.0),
-                                          ("travel", 0.9), ("travel", "far"), ("travel", True)])
+                                          ("travel", 0.9), ("travel", "far"), ("travel", True),
+                                          ("motions", []), ("motions", ["sideways"]),
+                                          ("motions", ["left", "left"]), ("motions", "left")])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"ToyWorldConfig.{field} must be"):
         ToyWorldConfig(**{field: value})
@@ -116,6 +118,19 @@ def test_travel_sets_the_distance_moved():
         clip, _ = toy.render_video(ToyWorldConfig(travel=travel), 5, prompt="red circle moving down")
         moved = wrapped(centre_of_mass(clip).diff(dim=0), 16)[:, 1].sum() / 16
         assert 0.8 * travel - 0.01 < moved < 1.2 * travel + 0.01
+
+
+def test_motions_restricts_the_draw_and_keeps_every_other_attribute():
+    ids = np.arange(600)
+    every = toy._clip_params(ToyWorldConfig(), ids)
+    some = toy._clip_params(ToyWorldConfig(motions=["right", "down", "still"]), ids)
+    kept = [toy.MOTIONS.index(m) for m in ("right", "down", "still")]
+    counts = np.bincount(some["motion"], minlength=len(toy.MOTIONS))
+    assert set(np.flatnonzero(counts)) == set(kept) and counts[kept].min() > 0.8 * len(ids) / 3
+    for key in every.keys() - {"motion"}:  # colour, shape, size, travel and position do not move
+        assert np.array_equal(every[key], some[key]), key
+    _, prompts = toy.render_videos(ToyWorldConfig(motions=["up"]), ids[:20])
+    assert all(p.endswith("moving up") for p in prompts)
 
 
 def test_positions_are_uniform_and_shapes_wrap_around_the_border():
