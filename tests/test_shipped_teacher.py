@@ -1,6 +1,7 @@
-"""The pretrained toy teacher that ships with the package (pipeline/teachers/toy): it is made for
-the current toy world and schema, the default run starts from it, it gets better with sampling
-steps, and a stale or mismatched teacher is refused with the command that rebuilds it."""
+"""The pretrained toy teachers that ship with the package (pipeline/teachers/toy for the default run,
+pipeline/teachers/toy8 for `--config toy12`): each is made for its run's toy world and schema, the run
+starts from it, it gets better with sampling steps, and a stale or mismatched teacher is refused with
+the command that rebuilds it."""
 
 from __future__ import annotations
 
@@ -23,19 +24,28 @@ from pipeline.guard import InputError
 from pipeline.stages import preflight
 
 SHIPPED = teachers.SHIPPED["toy"]
+RUNS = {"toy": None, "toy8": "toy12"}
+"""model.size of each shipped teacher -> the preset of the run it is made for (None: the default run)"""
 
 
-def test_the_shipped_teacher_is_stamped_for_the_current_world_and_has_its_recipe():
+def test_every_shipped_teacher_has_a_run():
+    assert set(RUNS) == set(teachers.SHIPPED) and set(RUNS) == set(teachers.REBUILDS)
+
+
+@pytest.mark.parametrize("size", sorted(RUNS))
+def test_the_shipped_teacher_is_stamped_for_its_runs_world_and_has_its_recipe(size):
+    folder = teachers.SHIPPED[size]
     for name in ("config.json", "diffusion_pytorch_model.safetensors", *teachers.RECIPE_FILES, teachers.STAMP):
-        assert (SHIPPED / name).is_file(), name
-    cfg = load_config(None, [])
-    stamp = teachers.check_stamp(SHIPPED, cfg.data.toy, cfg.model.size)
+        assert (folder / name).is_file(), name
+    cfg = load_config(RUNS[size], [])
+    assert cfg.model.size == size and cfg.model.teacher_path == teachers.AUTO
+    stamp = teachers.check_stamp(folder, cfg.data.toy, cfg.model.size)
     assert stamp["toy_world_version"] == toy.TOY_WORLD_VERSION
-    assert stamp == teachers.stamp_for(toy.ToyWorldConfig(), "toy")
-    recipe = load_config(str(SHIPPED / "config.yaml"))  # the config that trained it resolves today
-    assert recipe.model.size == "toy" and recipe.model.teacher_path == "" and "teacher" in recipe.run.stages
+    assert stamp == teachers.stamp_for(cfg.data.toy, size) and stamp["rebuild"] == teachers.rebuild_command(size)
+    recipe = load_config(str(folder / "config.yaml"))  # the config that trained it resolves today
+    assert recipe.model.size == size and recipe.model.teacher_path == "" and "teacher" in recipe.run.stages
     assert {k: getattr(recipe.data.toy, k) for k in teachers.WORLD_FIELDS} == stamp["world"]
-    shipped_eval = json.loads((SHIPPED / "eval.json").read_text())
+    shipped_eval = json.loads((folder / "eval.json").read_text())
     assert shipped_eval["models"]["teacher"]["fd"][-1] < shipped_eval["models"]["teacher"]["fd"][0]
 
 
@@ -43,6 +53,8 @@ def test_the_default_run_starts_from_the_shipped_teacher():
     cfg = load_config(None, [])
     assert cfg.model.teacher_path == teachers.AUTO
     assert teachers.teacher_path(cfg.model.size, cfg.model.teacher_path, cfg.data.path) == SHIPPED
+    toy12 = load_config("toy12", [])
+    assert teachers.teacher_path(toy12.model.size, toy12.model.teacher_path, "") == teachers.SHIPPED["toy8"]
     assert teachers.teacher_path("toy", "", "") is None  # training it is one flag away
     assert teachers.teacher_path("tiny", teachers.AUTO, "") is None  # no teacher ships for the tiny model
     assert teachers.teacher_path("toy", teachers.AUTO, "/my/latents") is None  # nor for other data
@@ -50,11 +62,12 @@ def test_the_default_run_starts_from_the_shipped_teacher():
 
 
 @torch.no_grad()
-def test_the_shipped_teacher_gets_better_with_steps():
+@pytest.mark.parametrize("size", sorted(RUNS))
+def test_the_shipped_teacher_gets_better_with_steps(size):
     """fd (the project's feature space) at 32 Euler steps beats 1 step on 128 held-out prompts."""
-    cfg = load_config(None, [])
+    cfg = load_config(RUNS[size], [])
     world = cfg.data.toy
-    teacher = models.load_transformer(SHIPPED, expect="WanTransformer3DModel").eval()
+    teacher = models.load_transformer(teachers.SHIPPED[size], expect="WanTransformer3DModel").eval()
     ids = np.arange(world.num_train, world.num_train + 128)
     data, prompts = toy.render_videos(world, ids)
     cond = toy.embed_prompts(prompts, world)

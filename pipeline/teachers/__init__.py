@@ -11,7 +11,7 @@ project's own preset, installed with the package, with its recipe beside it:
 
 `model.teacher_path=auto` (the default) resolves to it when the run uses the toy model and the
 toy world; a teacher made for another world (older `TOY_WORLD_VERSION`, other world settings)
-is refused with an error that names the command rebuilding it (`REBUILD`).
+is refused with an error that names the command rebuilding it (`rebuild_command`).
 
     python -m pipeline.run --config toy-teacher        # train it (stage 0 + eval, on Ray)
     python -m pipeline.teachers runs/toy-teacher       # install that run's teacher here
@@ -31,8 +31,9 @@ from pipeline.data.toy import TOY_WORLD_VERSION, ToyWorldConfig
 
 AUTO = "auto"
 """model.teacher_path value that picks the shipped teacher for the toy model and world"""
-SHIPPED = {"toy": Path(__file__).parent / "toy"}
-"""model.size -> the folder of the teacher shipped for it"""
+SHIPPED = {"toy": Path(__file__).parent / "toy", "toy8": Path(__file__).parent / "toy8"}
+"""model.size -> the folder of the teacher shipped for it (toy: the default world; toy8: the toy12 world,
+`--config toy12`)"""
 STAMP = "teacher.json"
 """the file in a teacher folder that says which world and schema it was made for"""
 WORLD_FIELDS = ("frames", "channels", "height", "width", "travel", "motions", "embed_len", "embed_dim", "embed_seed")
@@ -40,6 +41,14 @@ WORLD_FIELDS = ("frames", "channels", "height", "width", "travel", "motions", "e
 (not the split sizes, the sampling seed or the shard size)"""
 REBUILD = "python -m pipeline.run --config toy-teacher && python -m pipeline.teachers runs/toy-teacher"
 """the command that trains the toy teacher again and installs it"""
+REBUILDS = {"toy": REBUILD,
+            "toy8": "python -m pipeline.run --config toy12-teacher && python -m pipeline.teachers runs/toy12-teacher"}
+"""model.size -> the command that trains its shipped teacher again and installs it"""
+
+
+def rebuild_command(model_size: str) -> str:
+    """The command that rebuilds the teacher shipped for `model_size` (the toy one's for other sizes)."""
+    return REBUILDS.get(model_size, REBUILD)
 RECIPE_FILES = ("config.yaml", "eval.json", "eval.png")
 """files of the teacher's run copied beside it"""
 
@@ -66,7 +75,8 @@ def stamp_for(world: ToyWorldConfig, model_size: str) -> dict:
     full = dataclasses.asdict(world)
     return {"toy_world_version": TOY_WORLD_VERSION,
             "schema": {"format": schema.FORMAT_NAME, "version": schema.FORMAT_VERSION},
-            "world": {k: full[k] for k in WORLD_FIELDS}, "model_size": model_size, "rebuild": REBUILD}
+            "world": {k: full[k] for k in WORLD_FIELDS}, "model_size": model_size,
+            "rebuild": rebuild_command(model_size)}
 
 
 def check_stamp(folder: str | Path, world: ToyWorldConfig, model_size: str, required: bool = True) -> dict | None:
@@ -79,11 +89,11 @@ def check_stamp(folder: str | Path, world: ToyWorldConfig, model_size: str, requ
     if not path.is_file():
         if not required:
             return None
-        raise StaleTeacherError(f"{folder} has no {STAMP} (which toy world it was made for); rebuild it: {REBUILD}")
+        raise StaleTeacherError(f"{folder} has no {STAMP} (which toy world it was made for); rebuild it: {rebuild_command(model_size)}")
     try:
         got = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise StaleTeacherError(f"{path} is not valid JSON ({exc}); rebuild it: {REBUILD}") from None
+        raise StaleTeacherError(f"{path} is not valid JSON ({exc}); rebuild it: {rebuild_command(model_size)}") from None
     want = stamp_for(world, model_size)
     diffs = [f"{k}: made for {got.get(k)!r}, this run has {want[k]!r}"
              for k in ("toy_world_version", "schema", "model_size") if got.get(k) != want[k]]
@@ -93,7 +103,7 @@ def check_stamp(folder: str | Path, world: ToyWorldConfig, model_size: str, requ
     if diffs:
         raise StaleTeacherError(f"the teacher in {folder} does not fit this run's toy world ({'; '.join(diffs)}); "
                                 f"use that world, set model.teacher_path='' to train a teacher in this run, or "
-                                f"rebuild it: {REBUILD}")
+                                f"rebuild it: {rebuild_command(model_size)}")
     return got
 
 
@@ -111,6 +121,9 @@ def install(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     if missing:
         raise ValueError(f"{run_dir} is not a finished teacher run (missing {', '.join(map(str, missing))}); "
                          f"run: python -m pipeline.run --config toy-teacher")
+    if dest is None and cfg.model.size not in SHIPPED:
+        raise ValueError(f"{run_dir} trained model.size={cfg.model.size}, which ships no teacher (sizes that do: "
+                         f"{', '.join(SHIPPED)}); give the target folder")
     dest = Path(dest) if dest is not None else SHIPPED[cfg.model.size]
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "into the package's shipped teacher folder and stamp it with the toy "
                                             "world it was made for.")
     p.add_argument("run_dir", help="a finished run of `python -m pipeline.run --config toy-teacher`")
-    p.add_argument("dest", nargs="?", help=f"target folder (default {SHIPPED['toy']})")
+    p.add_argument("dest", nargs="?", help="target folder (default: the shipped teacher's folder of the run's "
+                                           f"model.size: {', '.join(f'{k} -> {v}' for k, v in SHIPPED.items())})")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         dest = install(args.run_dir, args.dest)
