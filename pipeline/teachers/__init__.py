@@ -49,6 +49,8 @@ REBUILDS = {"toy": REBUILD,
 def rebuild_command(model_size: str) -> str:
     """The command that rebuilds the teacher shipped for `model_size` (the toy one's for other sizes)."""
     return REBUILDS.get(model_size, REBUILD)
+
+
 RECIPE_FILES = ("config.yaml", "eval.json", "eval.png")
 """files of the teacher's run copied beside it"""
 
@@ -120,7 +122,7 @@ def install(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     missing = [p for p in [src / "DONE", src / "config.json", *(run_dir / f for f in RECIPE_FILES)] if not p.is_file()]
     if missing:
         raise ValueError(f"{run_dir} is not a finished teacher run (missing {', '.join(map(str, missing))}); "
-                         f"run: python -m pipeline.run --config toy-teacher")
+                         f"run: {rebuild_command(cfg.model.size).split(' && ')[0]}")
     if dest is None and cfg.model.size not in SHIPPED:
         raise ValueError(f"{run_dir} trained model.size={cfg.model.size}, which ships no teacher (sizes that do: "
                          f"{', '.join(SHIPPED)}); give the target folder")
