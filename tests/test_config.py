@@ -24,6 +24,14 @@ def test_yaml_file_then_overrides(tmp_path):
     assert (cfg.run.name, cfg.run.seed, cfg.stage1.steps) == ("a", 4, 5)
 
 
+def test_numbers_written_without_a_dot_are_numbers(tmp_path):
+    # PyYAML reads 3e-5 (no dot) as a string; a float field takes it as the number it spells
+    path = tmp_path / "c.yaml"
+    path.write_text("stage2:\n  optim:\n    lr: 3e-5\n")
+    assert load_config(str(path)).stage2.optim.lr == 3e-5
+    assert load_config(None, ["stage1.optim.lr=2E-4"]).stage1.optim.lr == 2e-4
+
+
 def test_saved_config_loads_back_identically(tmp_path):
     cfg = load_config(None, ["data.toy.frames=4", "eval.steps=[1, 3]"])
     save_config(cfg, tmp_path / "config.yaml")
@@ -43,6 +51,8 @@ def test_saved_config_loads_back_identically(tmp_path):
     ("stage2.grad_calls=[shortcut_in]", "stage2.grad_calls"),
     ("data.toy.frames=0", "data.toy"),
     ("stage1.optim.lr=0", "stage1.optim.lr"),
+    ("stage1.optim.lr=fast", "stage1.optim.lr: expected a number"),
+    ("stage1.optim.lr=nan", "stage1.optim.lr: expected a number"),
     ("noequals", "overrides look like"),
 ])
 def test_bad_keys_and_values_are_config_errors(override, match):
