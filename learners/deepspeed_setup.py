@@ -20,8 +20,9 @@ imported), NCCL on GPU; Ray Train creates it (`TorchConfig(backend=dist_backend(
 and DeepSpeed reuses it (`deepspeed.initialize` finds torch.distributed initialised). Seen
 working on CPU with torch 2.13, DeepSpeed 0.19.8, Ray 2.60: ZeRO-2 and ZeRO-3, one and two
 workers; ZeRO-3's `all_gather_into_tensor` and `reduce_scatter_tensor` run on gloo in this
-torch (with deprecation warnings only). DeepSpeed JIT-loads its small shared-memory comm op
-on first use (cached under ~/.cache/torch_extensions). DeepSpeed is imported only inside the
+torch (with deprecation warnings only). With two or more CPU workers DeepSpeed JIT-builds its small
+shared-memory all-reduce op on first use (cached under ~/.cache/torch_extensions); a single CPU worker
+skips it (`_deepspeed`). DeepSpeed is imported only inside the
 learner processes, never by the driver.
 """
 
@@ -47,6 +48,11 @@ def _deepspeed():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    if (not torch.cuda.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() == 1):
+        # one CPU learner all-reduces with nobody, but DeepSpeed would still JIT-compile its shared-memory
+        # all-reduce op the first time (about a minute of a fresh 2-core machine's learner start-up)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 

@@ -3,6 +3,7 @@ steps exactly like the one that never stopped, under ZeRO-2 and ZeRO-3, with and
 (then the files hold the adapters only); bad checkpoints are named."""
 
 import json
+import math
 import os
 import socket
 
@@ -193,3 +194,12 @@ def test_the_run_checks_its_newest_checkpoint_before_any_work(process_group, tmp
     moments.write_bytes(moments.read_bytes()[:-10])
     with pytest.raises(InputError, match=f"{moments} is corrupt.*resume from it"):
         distributed.check_checkpoint(cfg)
+
+
+def test_one_cpu_learner_does_not_build_the_shared_memory_op(process_group):
+    # it would all-reduce with nobody; building it costs a fresh machine about a minute of start-up
+    engine, ema = _engine(2)
+    import deepspeed.comm.comm as ds_comm
+
+    assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None
+    assert math.isfinite(_step(engine, ema, 0))  # and it trains without it
