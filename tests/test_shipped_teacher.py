@@ -86,7 +86,7 @@ def _stale_copy(tmp_path, **changes):
     shutil.copytree(SHIPPED, folder)
     stamp = json.loads((folder / teachers.STAMP).read_text())
     for key, value in changes.items():
-        if key in stamp["world"]:
+        if key in teachers.WORLD_FIELDS:
             stamp["world"][key] = value
         else:
             stamp[key] = value
@@ -97,6 +97,7 @@ def _stale_copy(tmp_path, **changes):
 @pytest.mark.parametrize("changes, named", [
     ({"toy_world_version": toy.TOY_WORLD_VERSION - 1}, "toy_world_version: made for"),
     ({"travel": 0.25}, "data.toy.travel: made for 0.25"),
+    ({"bar_length": 1.2}, "data.toy.bar_length: made for 1.2"),
     ({"schema": {"format": "anyflow-latent-video", "version": 0}}, "schema: made for"),
 ])
 def test_a_stale_teacher_is_refused_naming_the_rebuild_command(tmp_path, changes, named):
@@ -108,6 +109,16 @@ def test_a_stale_teacher_is_refused_naming_the_rebuild_command(tmp_path, changes
     with pytest.raises(teachers.StaleTeacherError, match="has no teacher.json"):
         teachers.check_stamp(folder, toy.ToyWorldConfig(), "toy")
     assert teachers.check_stamp(folder, toy.ToyWorldConfig(), "toy", required=False) is None
+
+
+def test_a_stamp_from_before_a_world_field_counts_as_its_old_value(tmp_path):
+    folder = _stale_copy(tmp_path)
+    stamp = json.loads((folder / teachers.STAMP).read_text())
+    stamp["world"].pop("bar_length", None)  # stamped before data.toy.bar_length existed: its bars were 1.6
+    (folder / teachers.STAMP).write_text(json.dumps(stamp))
+    teachers.check_stamp(folder, toy.ToyWorldConfig(), "toy")
+    with pytest.raises(teachers.StaleTeacherError, match="data.toy.bar_length: made for 1.6"):
+        teachers.check_stamp(folder, toy.ToyWorldConfig(bar_length=1.2), "toy")
 
 
 def test_a_run_whose_world_differs_from_the_shipped_teachers_stops_before_any_work(tmp_path):

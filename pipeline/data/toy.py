@@ -116,6 +116,11 @@ class ToyWorldConfig:
     """Motions the clips are drawn from, each equally often (a subset of left, right, up, down, still);
     the prompt vocabulary and its embeddings stay the whole world's. All five (the default) draw exactly
     the clips of a world without this key."""
+    bar_length: float = 1.6
+    """Half-length of a bar in units of the shape's half-size r (its half-height is 0.55 r; r is 0.2 of
+    min(H, W), +-15 % per clip), in (0.55, 2.5). The default 1.6 draws the clips of a world without this
+    key: a bar 64 % of the frame wide, which on a small torus (12 pixels) leaves a gap of 4 pixels, and
+    distilled students fill it (a stripe around the torus: docs/toy-world.md, "Sixth round")."""
 
     def __post_init__(self) -> None:
         if isinstance(self.travel, bool) or not isinstance(self.travel, (int, float)) \
@@ -128,8 +133,13 @@ class ToyWorldConfig:
             raise ValueError(f"ToyWorldConfig.motions must be distinct names from {list(MOTIONS)}, got "
                              f"{self.motions!r}")
         self.motions = list(self.motions)
+        if isinstance(self.bar_length, bool) or not isinstance(self.bar_length, (int, float)) \
+                or not 0.55 < self.bar_length < 2.5:
+            raise ValueError(f"ToyWorldConfig.bar_length must be a number in (0.55, 2.5) (longer than the bar "
+                             f"is high, shorter than the frame), got {self.bar_length!r}")
+        self.bar_length = float(self.bar_length)
         for f in dataclasses.fields(self):
-            if f.name in ("travel", "motions"):
+            if f.name in ("travel", "motions", "bar_length"):
                 continue
             value = getattr(self, f.name)
             low = 0 if f.name in ("seed", "embed_seed") else 1
@@ -252,12 +262,13 @@ def _box_sdf(dx: np.ndarray, dy: np.ndarray, hx: np.ndarray, hy: np.ndarray) -> 
     return outside + np.minimum(np.maximum(qx, qy), 0)
 
 
-def _shape_sdf(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Signed distance in pixels (negative inside) to a shape of half-size r at the origin."""
+def _shape_sdf(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray, bar_length: float = 1.6) -> np.ndarray:
+    """Signed distance in pixels (negative inside) to a shape of half-size r at the origin (a bar's
+    half-length is `bar_length` r)."""
     if shape == "square":
         return _box_sdf(dx, dy, r, r)
     if shape == "bar":  # horizontal
-        return _box_sdf(dx, dy, 1.6 * r, 0.55 * r)
+        return _box_sdf(dx, dy, bar_length * r, 0.55 * r)
     if shape == "circle":
         return np.hypot(dx, dy) - 1.1 * r
     # upward equilateral triangle, centroid at the origin, inradius 0.75 r (edge distances)
@@ -290,7 +301,7 @@ def _coverage(cfg: ToyWorldConfig, p: dict[str, np.ndarray]) -> np.ndarray:
     sdf = np.empty((len(p["shape"]), F, H, W), dtype=f32)
     for k, shape in enumerate(SHAPES):
         rows = np.flatnonzero(p["shape"] == k)
-        sdf[rows] = _shape_sdf(shape, dx[rows], dy[rows], radius[rows])
+        sdf[rows] = _shape_sdf(shape, dx[rows], dy[rows], radius[rows], cfg.bar_length)
     edge = np.clip(f32(0.5) - sdf / f32(EDGE_WIDTH), 0, 1)
     return edge * edge * (f32(3) - f32(2) * edge)  # smoothstep
 

@@ -36,9 +36,13 @@ SHIPPED = {"toy": Path(__file__).parent / "toy", "toy8": Path(__file__).parent /
 `--config toy12`)"""
 STAMP = "teacher.json"
 """the file in a teacher folder that says which world and schema it was made for"""
-WORLD_FIELDS = ("frames", "channels", "height", "width", "travel", "motions", "embed_len", "embed_dim", "embed_seed")
+WORLD_FIELDS = ("frames", "channels", "height", "width", "travel", "motions", "bar_length", "embed_len", "embed_dim",
+                "embed_seed")
 """the ToyWorldConfig fields a teacher depends on: the clips' distribution and the prompt encoder
 (not the split sizes, the sampling seed or the shard size)"""
+ADDED_LATER = {"bar_length": 1.6}
+"""world fields added after teachers were first stamped -> the value every clip had before: a stamp
+without the field was made with it"""
 REBUILD = "python -m pipeline.run --config toy-teacher && python -m pipeline.teachers runs/toy-teacher"
 """the command that trains the toy teacher again and installs it"""
 REBUILDS = {"toy": REBUILD,
@@ -100,8 +104,9 @@ def check_stamp(folder: str | Path, world: ToyWorldConfig, model_size: str, requ
     diffs = [f"{k}: made for {got.get(k)!r}, this run has {want[k]!r}"
              for k in ("toy_world_version", "schema", "model_size") if got.get(k) != want[k]]
     made = got.get("world") if isinstance(got.get("world"), dict) else {}
-    diffs += [f"data.toy.{k}: made for {made.get(k)!r}, this run has {want['world'][k]!r}"
-              for k in WORLD_FIELDS if made.get(k) != want["world"][k]]
+    made = {k: made.get(k, ADDED_LATER.get(k)) for k in WORLD_FIELDS}
+    diffs += [f"data.toy.{k}: made for {made[k]!r}, this run has {want['world'][k]!r}"
+              for k in WORLD_FIELDS if made[k] != want["world"][k]]
     if diffs:
         raise StaleTeacherError(f"the teacher in {folder} does not fit this run's toy world ({'; '.join(diffs)}); "
                                 f"use that world, set model.teacher_path='' to train a teacher in this run, or "

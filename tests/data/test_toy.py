@@ -43,14 +43,15 @@ def test_default_config_values():
     assert (cfg.frames, cfg.channels, cfg.height, cfg.width) == (8, 4, 16, 16)
     assert (cfg.num_train, cfg.num_heldout, cfg.seed) == (2048, 256, 0)
     assert (cfg.embed_len, cfg.embed_dim, cfg.embed_seed, cfg.shard_rows) == (8, 32, 0, 512)
-    assert cfg.travel == 0.4 and cfg.motions == list(toy.MOTIONS)
+    assert cfg.travel == 0.4 and cfg.motions == list(toy.MOTIONS) and cfg.bar_length == 1.6
 
 
 @pytest.mark.parametrize("field, value", [("frames", 0), ("width", -1), ("seed", -1),
                                           ("embed_len", 3), ("shard_rows", 1.5), ("travel", 0.0),
                                           ("travel", 0.9), ("travel", "far"), ("travel", True),
                                           ("motions", []), ("motions", ["sideways"]),
-                                          ("motions", ["left", "left"]), ("motions", "left")])
+                                          ("motions", ["left", "left"]), ("motions", "left"),
+                                          ("bar_length", 0.5), ("bar_length", 2.5), ("bar_length", "long")])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"ToyWorldConfig.{field} must be"):
         ToyWorldConfig(**{field: value})
@@ -131,6 +132,21 @@ def test_motions_restricts_the_draw_and_keeps_every_other_attribute():
         assert np.array_equal(every[key], some[key]), key
     _, prompts = toy.render_videos(ToyWorldConfig(motions=["up"]), ids[:20])
     assert all(p.endswith("moving up") for p in prompts)
+
+
+def test_bar_length_changes_the_bars_alone():
+    ids = np.arange(200)
+    base = ToyWorldConfig(frames=4, height=12, width=12)
+    short = dataclasses.replace(base, bar_length=1.2)
+    a, prompts = toy.render_videos(base, ids)
+    b, _ = toy.render_videos(short, ids)
+    assert torch.equal(a, toy.render_videos(dataclasses.replace(base, bar_length=1.6), ids)[0])  # the default
+    bar = np.array([" bar " in p for p in prompts])
+    assert bar.any() and torch.equal(a[~bar], b[~bar])
+    # a bar's lit width along x shrinks by 1.2 / 1.6 (soft edges: within a pixel), its height does not
+    width = lambda x: (x.abs().sum(2) > 0.5 * x.abs().sum(2).amax((-2, -1), keepdim=True)).sum(-1).amax(-1)
+    wa, wb = width(a[bar]).double().mean(), width(b[bar]).double().mean()
+    assert abs(float(wb / wa) - 0.75) < 0.1, (float(wa), float(wb))
 
 
 def test_positions_are_uniform_and_shapes_wrap_around_the_border():
