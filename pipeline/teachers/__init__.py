@@ -9,8 +9,9 @@ project's own preset, installed with the package, with its recipe beside it:
     toy/eval.json, toy/eval.png                                  its quality against sampling steps
     toy/teacher.json                                             the stamp: world version, schema, world config
 
-`model.teacher_path=auto` (the default) resolves to it when the run uses the toy model and the
-toy world; a teacher made for another world (older `TOY_WORLD_VERSION`, other world settings)
+`toy8/` is the same for the toy12 world (`--config toy12`, model.size toy8; rebuilt with
+`--config toy12-teacher`). `model.teacher_path=auto` (the default) resolves to the folder of the run's
+model.size (`SHIPPED`) when the data is the toy world; a teacher made for another world (older `TOY_WORLD_VERSION`, other world settings)
 is refused with an error that names the command rebuilding it (`rebuild_command`).
 
     python -m pipeline.run --config toy-teacher        # train it (stage 0 + eval, on Ray)
