@@ -262,7 +262,7 @@ def _box_sdf(dx: np.ndarray, dy: np.ndarray, hx: np.ndarray, hy: np.ndarray) -> 
     return outside + np.minimum(np.maximum(qx, qy), 0)
 
 
-def _shape_sdf(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray, bar_length: float = 1.6) -> np.ndarray:
+def _shape_sdf(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray, bar_length: float) -> np.ndarray:
     """Signed distance in pixels (negative inside) to a shape of half-size r at the origin (a bar's
     half-length is `bar_length` r)."""
     if shape == "square":
