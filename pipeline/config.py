@@ -94,8 +94,8 @@ class FarConfig:
 
 @dataclass
 class ModelConfig:
-    size: str = "toy"
-    """architecture preset: tiny, toy, wan2.1-1.3b, wan2.1-14b"""
+    size: str = "toy8"
+    """architecture preset: tiny, toy, toy8 (the default: the toy model with 2x2 patches), wan2.1-1.3b, wan2.1-14b"""
     teacher_path: str = "auto"
     """diffusers folder of a WanTransformer3DModel teacher (stage 0 is then skipped); "auto": the pretrained toy
     teacher shipped with the package (pipeline/teachers/toy) when model.size is toy and the data is the toy world,
@@ -180,8 +180,11 @@ class Stage2Config:
     """N is drawn uniformly from this list each step (reference {2, 4, 8, 16, 50})"""
     grad_calls: list[str] = field(default_factory=lambda: ["shortcut_in", "real_step", "shortcut_out"])
     """backward-simulation calls that carry gradient (a suffix of shortcut_in, real_step, shortcut_out)"""
-    real_guidance: float = 2.0
-    """guidance g_r of the teacher's clean estimate in DMD"""
+    real_guidance: float = 1.0
+    """guidance g_r of the teacher's clean estimate in DMD, x0_c + g_r (x0_c - x0_u): CFG 1 + g_r. The default 1
+    is CFG 2, the guidance stage 1 fuses (stage1.guidance) and the teacher is sampled at (eval.teacher_guidance);
+    keep it at stage1.guidance - 1. A sharper target (2, CFG 3) drew stripes and speckle at 8+ steps on the toy
+    world (docs/toy-world.md, "Sixth round")"""
     dmd_min_s: float = 0.02
     """lower clamp of the DMD noise level"""
     dmd_max_s: float = 0.98

@@ -18,7 +18,8 @@ from pipeline import evaluate
 from pipeline.data import toy
 from pipeline.data.toy import ToyWorldConfig
 
-CFG = ToyWorldConfig()
+CFG = ToyWorldConfig(**toy.TOY16)
+"""the toy16 world (8 frames of 16x16, all five motions): the pixel offsets below are written for it"""
 STEPS = [1, 2, 4, 8, 16, 32]
 
 
@@ -276,8 +277,8 @@ def test_clip_displacement_of_toy_clips_matches_the_prompt_and_ignores_the_batch
     assert torch.equal(feats[:, [COL["vel_x"], COL["vel_y"]]], d / evaluate.GEOMETRY_UNIT)
 
 
-def heldout_clips(n: int = 256) -> tuple[torch.Tensor, list[str]]:
-    return toy.render_videos(CFG, toy.split_ids(CFG, "heldout")[:n])
+def heldout_clips(n: int = 256, cfg: ToyWorldConfig = CFG) -> tuple[torch.Tensor, list[str]]:
+    return toy.render_videos(cfg, toy.split_ids(cfg, "heldout")[:n])
 
 
 def test_motion_error_is_zero_on_the_data_and_one_on_clips_whose_motion_is_wrong():
@@ -300,6 +301,19 @@ def test_motion_error_is_zero_on_the_data_and_one_on_clips_whose_motion_is_wrong
     half = len(mv) // 2
     mixed = torch.cat([mv[:half], reversed_[half:]])
     assert evaluate.motion_error(evaluate.video_features(mixed), mv_prompts) == pytest.approx(1 - half / len(mv))
+
+
+def test_motion_error_is_zero_on_the_default_worlds_data_and_one_when_its_motion_is_wrong():
+    """The default world (4 frames of 12x12; right, down, still): few frames, a small torus."""
+    x, prompts = heldout_clips(cfg=ToyWorldConfig())
+    moving = torch.tensor([m != "still" for m in evaluate.prompt_motions(prompts)])
+    assert 0.5 < moving.float().mean() < 0.85
+    length = evaluate.clip_displacement(x).norm(dim=1)
+    assert length[~moving].max() < 1e-9 and length[moving].min() > 3 * evaluate.MOTION_THRESHOLD
+    assert evaluate.motion_error(evaluate.video_features(x), prompts) == 0.0
+    mv, mv_prompts = x[moving], [p for p, m in zip(prompts, moving) if m]
+    for name, clips in (("reversed", mv.flip(1)), ("frozen", mv[:, :1].expand_as(mv)), ("turned", mv.transpose(-2, -1))):
+        assert evaluate.motion_error(evaluate.video_features(clips), mv_prompts) == 1.0, name
 
 
 def test_motion_error_ignores_the_batch_and_is_none_outside_the_toy_world():

@@ -1,5 +1,5 @@
-"""The pretrained toy teachers that ship with the package (pipeline/teachers/toy for the default run,
-pipeline/teachers/toy8 for `--config toy12`): each is made for its run's toy world and schema, the run
+"""The pretrained toy teachers that ship with the package (pipeline/teachers/toy8 for the default run,
+pipeline/teachers/toy for the toy16 world of `--config toy-far`): each is made for its run's toy world and schema, the run
 starts from it, it gets better with sampling steps, and a stale or mismatched teacher is refused with
 the command that rebuilds it."""
 
@@ -23,8 +23,8 @@ from pipeline.flowmap.simulate import euler_sample
 from pipeline.guard import InputError
 from pipeline.stages import preflight
 
-SHIPPED = teachers.SHIPPED["toy"]
-RUNS = {"toy": None, "toy8": "toy12"}
+SHIPPED = teachers.SHIPPED["toy8"]
+RUNS = {"toy8": None, "toy": "toy-far"}
 """model.size of each shipped teacher -> the preset of the run it is made for (None: the default run)"""
 
 
@@ -53,8 +53,8 @@ def test_the_default_run_starts_from_the_shipped_teacher():
     cfg = load_config(None, [])
     assert cfg.model.teacher_path == teachers.AUTO
     assert teachers.teacher_path(cfg.model.size, cfg.model.teacher_path, cfg.data.path) == SHIPPED
-    toy12 = load_config("toy12", [])
-    assert teachers.teacher_path(toy12.model.size, toy12.model.teacher_path, "") == teachers.SHIPPED["toy8"]
+    far = load_config("toy-far", [])
+    assert teachers.teacher_path(far.model.size, far.model.teacher_path, "") == teachers.SHIPPED["toy"]
     assert teachers.teacher_path("toy", "", "") is None  # training it is one flag away
     assert teachers.teacher_path("tiny", teachers.AUTO, "") is None  # no teacher ships for the tiny model
     assert teachers.teacher_path("toy", teachers.AUTO, "/my/latents") is None  # nor for other data
@@ -97,18 +97,18 @@ def _stale_copy(tmp_path, **changes):
 @pytest.mark.parametrize("changes, named", [
     ({"toy_world_version": toy.TOY_WORLD_VERSION - 1}, "toy_world_version: made for"),
     ({"travel": 0.25}, "data.toy.travel: made for 0.25"),
-    ({"bar_length": 1.2}, "data.toy.bar_length: made for 1.2"),
+    ({"bar_length": 1.4}, "data.toy.bar_length: made for 1.4"),
     ({"schema": {"format": "anyflow-latent-video", "version": 0}}, "schema: made for"),
 ])
 def test_a_stale_teacher_is_refused_naming_the_rebuild_command(tmp_path, changes, named):
     folder = _stale_copy(tmp_path, **changes)
     with pytest.raises(teachers.StaleTeacherError) as info:
-        teachers.check_stamp(folder, toy.ToyWorldConfig(), "toy")
+        teachers.check_stamp(folder, toy.ToyWorldConfig(), "toy8")
     assert named in str(info.value) and teachers.REBUILD in str(info.value)
     (folder / teachers.STAMP).unlink()
     with pytest.raises(teachers.StaleTeacherError, match="has no teacher.json"):
-        teachers.check_stamp(folder, toy.ToyWorldConfig(), "toy")
-    assert teachers.check_stamp(folder, toy.ToyWorldConfig(), "toy", required=False) is None
+        teachers.check_stamp(folder, toy.ToyWorldConfig(), "toy8")
+    assert teachers.check_stamp(folder, toy.ToyWorldConfig(), "toy8", required=False) is None
 
 
 def test_a_stamp_from_before_a_world_field_counts_as_its_old_value(tmp_path):
@@ -116,9 +116,9 @@ def test_a_stamp_from_before_a_world_field_counts_as_its_old_value(tmp_path):
     stamp = json.loads((folder / teachers.STAMP).read_text())
     stamp["world"].pop("bar_length", None)  # stamped before data.toy.bar_length existed: its bars were 1.6
     (folder / teachers.STAMP).write_text(json.dumps(stamp))
-    teachers.check_stamp(folder, toy.ToyWorldConfig(), "toy")
+    teachers.check_stamp(folder, toy.ToyWorldConfig(bar_length=1.6), "toy8")
     with pytest.raises(teachers.StaleTeacherError, match="data.toy.bar_length: made for 1.6"):
-        teachers.check_stamp(folder, toy.ToyWorldConfig(bar_length=1.2), "toy")
+        teachers.check_stamp(folder, toy.ToyWorldConfig(), "toy8")
 
 
 def test_a_run_whose_world_differs_from_the_shipped_teachers_stops_before_any_work(tmp_path):
@@ -131,4 +131,4 @@ def test_a_run_whose_world_differs_from_the_shipped_teachers_stops_before_any_wo
     assert teachers.REBUILD in message and "model.teacher_path=''" in message
     assert not cfg.run_dir.exists()
     other_sample = dataclasses.replace(toy.ToyWorldConfig(), num_train=32, num_heldout=8, seed=3, shard_rows=8)
-    teachers.check_stamp(SHIPPED, other_sample, "toy")  # split sizes and seed are not part of the world
+    teachers.check_stamp(SHIPPED, other_sample, "toy8")  # split sizes and seed are not part of the world

@@ -33,8 +33,8 @@ What a clip is (all of it deterministic in ``(cfg.seed, sample_id)``):
   wide) edge, measured with wrapped (nearest-image) distances; the background
   is exactly 0.
 * Normalisation: colours are centred over the vocabulary, so the latents have
-  mean ~0 per channel; ``SHAPE_GAIN`` is fixed so that the default world has
-  std ~1 overall (shapes cover ~14 % of the frame).  Sizes are fractions of the
+  mean ~0 per channel; ``SHAPE_GAIN`` is fixed so that the toy16 world
+  (``TOY16``) has std ~1 overall (1.01; the default world 0.96).  Sizes are fractions of the
   frame, so other frame sizes come out close to that too.
 
 Prompt embeddings: each vocabulary word has a fixed vector (standard normal
@@ -63,13 +63,15 @@ from pipeline.data import schema
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("square", "circle", "triangle", "bar")
 MOTIONS = ("left", "right", "up", "down", "still")
+DEFAULT_MOTIONS = ("right", "down", "still")
+"""the default world's motions (ToyWorldConfig.motions); `TOY16` keeps all five"""
 
 TOY_WORLD_VERSION = 2
 """Bumped whenever rendering changes, so cached datasets are rebuilt (and teachers made for an older
 world are refused). 1: objects centred at mid-clip; 2: the torus (uniform positions, wrap-around)."""
 
 SHAPE_GAIN = 2.83
-"""Scale of a fully covered pixel; gives the default world std ~1 (see module docstring)."""
+"""Scale of a fully covered pixel; gives the toy worlds std ~1 (see module docstring)."""
 
 EDGE_WIDTH = 1.5
 """Width in pixels of the soft edge of a shape."""
@@ -85,13 +87,13 @@ _MAX_PROMPT_WORDS = 4
 class ToyWorldConfig:
     """Size and randomness of the toy world."""
 
-    frames: int = 8
+    frames: int = 4
     """Frames per clip (F)."""
     channels: int = 4
     """Latent channels (C); each colour is a fixed C-dim vector (>= 2 keeps colours distinct)."""
-    height: int = 16
+    height: int = 12
     """Frame height in latent pixels (H)."""
-    width: int = 16
+    width: int = 12
     """Frame width in latent pixels (W)."""
     num_train: int = 2048
     """Clips in the train split (sample ids 0 .. num_train - 1)."""
@@ -112,15 +114,16 @@ class ToyWorldConfig:
     """Distance a moving shape travels over the clip, as a fraction of the frame (+-20 % per clip), in
     (0, 0.83): at most one frame, so a frame-to-frame step stays far below the half frame beyond which a
     wrapped displacement is ambiguous. The default 0.4 keeps even the first-to-last displacement below it."""
-    motions: list[str] = dataclasses.field(default_factory=lambda: list(MOTIONS))
+    motions: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_MOTIONS))
     """Motions the clips are drawn from, each equally often (a subset of left, right, up, down, still);
-    the prompt vocabulary and its embeddings stay the whole world's. All five (the default) draw exactly
-    the clips of a world without this key."""
-    bar_length: float = 1.6
+    the prompt vocabulary and its embeddings stay the whole world's. The default is right, down and still
+    (the prompt picks the axis, the world fixes the direction on it); all five draw exactly the clips of a
+    world without this key."""
+    bar_length: float = 1.2
     """Half-length of a bar in units of the shape's half-size r (its half-height is 0.55 r; r is 0.2 of
-    min(H, W), +-15 % per clip), in (0.55, 2.5). The default 1.6 draws the clips of a world without this
-    key: a bar 64 % of the frame wide, which on a small torus (12 pixels) leaves a gap of 4 pixels, and
-    distilled students fill it (a stripe around the torus: docs/toy-world.md, "Sixth round")."""
+    min(H, W), +-15 % per clip), in (0.55, 2.5). The default 1.2 draws a bar 48 % of the frame wide;
+    1.6 draws the clips of a world without this key: 64 %, which on a small torus (12 pixels) leaves a gap
+    of 4 pixels that distilled students fill (a stripe around the torus: docs/toy-world.md, "Sixth round")."""
 
     def __post_init__(self) -> None:
         if isinstance(self.travel, bool) or not isinstance(self.travel, (int, float)) \
@@ -151,6 +154,11 @@ class ToyWorldConfig:
 
 
 # --------------------------------------------------------------------------- vocabulary and prompts
+
+
+TOY16 = {"frames": 8, "height": 16, "width": 16, "motions": list(MOTIONS), "bar_length": 1.6}
+"""ToyWorldConfig fields of the toy16 world, the default until 2026-12-08: 8 frames of 16x16, all five motions,
+bars of 1.6 r. The `toy` shipped teacher and the causal `toy-far` preset are made for it."""
 
 
 def prompt_for(colour: str, shape: str, motion: str) -> str:

@@ -1,20 +1,22 @@
 """Pretrained teachers that ship with the package, and how a run finds and checks them.
 
 Real users start from a pretrained Wan2.1 folder (`model.teacher_path=/path/to/wan`). The toy world
-does the same: `toy/` beside this file is a diffusers `WanTransformer3DModel` folder trained by the
-project's own preset, installed with the package, with its recipe beside it:
+does the same: `toy8/` beside this file is a diffusers `WanTransformer3DModel` folder trained by the
+project's own preset for the default run (the default world, model.size toy8), installed with the
+package, with its recipe beside it:
 
-    toy/config.json, toy/diffusion_pytorch_model.safetensors   the teacher (diffusers)
-    toy/config.yaml                                              the resolved config that trained it
-    toy/eval.json, toy/eval.png                                  its quality against sampling steps
-    toy/teacher.json                                             the stamp: world version, schema, world config
+    toy8/config.json, toy8/diffusion_pytorch_model.safetensors   the teacher (diffusers)
+    toy8/config.yaml                                               the resolved config that trained it
+    toy8/eval.json, toy8/eval.png                                  its quality against sampling steps
+    toy8/teacher.json                                              the stamp: world version, schema, world config
 
-`toy8/` is the same for the toy12 world (`--config toy12`, model.size toy8; rebuilt with
-`--config toy12-teacher`). `model.teacher_path=auto` (the default) resolves to the folder of the run's
-model.size (`SHIPPED`) when the data is the toy world; a teacher made for another world (older `TOY_WORLD_VERSION`, other world settings)
-is refused with an error that names the command rebuilding it (`rebuild_command`).
+`toy/` is the same for the toy16 world (`data.toy` = `TOY16`, model.size toy: the causal `toy-far`
+preset; rebuilt with `--config toy16-teacher`). `model.teacher_path=auto` (the default) resolves to the
+folder of the run's model.size (`SHIPPED`) when the data is the toy world; a teacher made for another
+world (older `TOY_WORLD_VERSION`, other world settings) is refused with an error that names the command
+rebuilding it (`rebuild_command`).
 
-    python -m pipeline.run --config toy-teacher        # train it (stage 0 + eval, on Ray)
+    python -m pipeline.run --config toy-teacher        # train the default run's teacher (stage 0 + eval, on Ray)
     python -m pipeline.teachers runs/toy-teacher       # install that run's teacher here
 
 Imports neither Ray nor MLflow.
@@ -33,8 +35,8 @@ from pipeline.data.toy import TOY_WORLD_VERSION, ToyWorldConfig
 AUTO = "auto"
 """model.teacher_path value that picks the shipped teacher for the toy model and world"""
 SHIPPED = {"toy": Path(__file__).parent / "toy", "toy8": Path(__file__).parent / "toy8"}
-"""model.size -> the folder of the teacher shipped for it (toy: the default world; toy8: the toy12 world,
-`--config toy12`)"""
+"""model.size -> the folder of the teacher shipped for it (toy8: the default world; toy: the toy16 world of
+`--config toy-far`)"""
 STAMP = "teacher.json"
 """the file in a teacher folder that says which world and schema it was made for"""
 WORLD_FIELDS = ("frames", "channels", "height", "width", "travel", "motions", "bar_length", "embed_len", "embed_dim",
@@ -45,14 +47,14 @@ ADDED_LATER = {"bar_length": 1.6}
 """world fields added after teachers were first stamped -> the value every clip had before: a stamp
 without the field was made with it"""
 REBUILD = "python -m pipeline.run --config toy-teacher && python -m pipeline.teachers runs/toy-teacher"
-"""the command that trains the toy teacher again and installs it"""
-REBUILDS = {"toy": REBUILD,
-            "toy8": "python -m pipeline.run --config toy12-teacher && python -m pipeline.teachers runs/toy12-teacher"}
+"""the command that trains the default run's teacher again and installs it"""
+REBUILDS = {"toy8": REBUILD,
+            "toy": "python -m pipeline.run --config toy16-teacher && python -m pipeline.teachers runs/toy16-teacher"}
 """model.size -> the command that trains its shipped teacher again and installs it"""
 
 
 def rebuild_command(model_size: str) -> str:
-    """The command that rebuilds the teacher shipped for `model_size` (the toy one's for other sizes)."""
+    """The command that rebuilds the teacher shipped for `model_size` (the default run's for other sizes)."""
     return REBUILDS.get(model_size, REBUILD)
 
 

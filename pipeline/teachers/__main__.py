@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Copy <RUN_DIR>/teacher with its config.yaml, eval.json and eval.png "
                                             "into the package's shipped teacher folder and stamp it with the toy "
                                             "world it was made for.")
-    p.add_argument("run_dir", help="a finished run of `python -m pipeline.run --config toy-teacher`")
+    p.add_argument("run_dir", help="a finished run of `python -m pipeline.run --config toy-teacher` (or toy16-teacher)")
     p.add_argument("dest", nargs="?", help="target folder (default: the shipped teacher's folder of the run's "
                                            f"model.size: {', '.join(f'{k} -> {v}' for k, v in SHIPPED.items())})")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)

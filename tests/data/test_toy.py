@@ -15,6 +15,8 @@ from pipeline.data import schema, toy
 from pipeline.data.toy import ToyWorldConfig
 
 SMALL = ToyWorldConfig(num_train=40, num_heldout=12, shard_rows=16)
+TOY16 = ToyWorldConfig(**toy.TOY16)
+"""the toy16 world (8 frames of 16x16, all five motions, bars of 1.6 r): the default until 2026-12-08"""
 
 
 def centre_of_mass(clip: torch.Tensor) -> torch.Tensor:
@@ -40,10 +42,12 @@ def wrapped(d: torch.Tensor, size: int) -> torch.Tensor:
 
 def test_default_config_values():
     cfg = ToyWorldConfig()
-    assert (cfg.frames, cfg.channels, cfg.height, cfg.width) == (8, 4, 16, 16)
+    assert (cfg.frames, cfg.channels, cfg.height, cfg.width) == (4, 4, 12, 12)
     assert (cfg.num_train, cfg.num_heldout, cfg.seed) == (2048, 256, 0)
     assert (cfg.embed_len, cfg.embed_dim, cfg.embed_seed, cfg.shard_rows) == (8, 32, 0, 512)
-    assert cfg.travel == 0.4 and cfg.motions == list(toy.MOTIONS) and cfg.bar_length == 1.6
+    assert cfg.travel == 0.4 and cfg.motions == ["right", "down", "still"] and cfg.bar_length == 1.2
+    assert (TOY16.frames, TOY16.height, TOY16.width, TOY16.motions, TOY16.bar_length) == (
+        8, 16, 16, list(toy.MOTIONS), 1.6)
 
 
 @pytest.mark.parametrize("field, value", [("frames", 0), ("width", -1), ("seed", -1),
@@ -75,10 +79,11 @@ def test_clip_depends_only_on_its_sample_id():
     assert torch.equal(clip, batch[13]) and prompt == prompts[13]
 
 
-def test_shapes_and_value_ranges_of_the_default_world():
-    cfg = ToyWorldConfig()
+@pytest.mark.parametrize("cfg, shape", [(ToyWorldConfig(), (4, 4, 12, 12)), (TOY16, (8, 4, 16, 16))],
+                         ids=["default", "toy16"])
+def test_shapes_and_value_ranges_of_the_default_world(cfg, shape):
     latents, prompts = toy.render_videos(cfg, np.arange(cfg.num_train))
-    assert latents.shape == (2048, 8, 4, 16, 16) and latents.dtype == torch.float32
+    assert latents.shape == (2048, *shape) and latents.dtype == torch.float32
     assert torch.isfinite(latents).all()
     assert abs(latents.mean().item()) < 0.05
     assert 0.9 < latents.std().item() < 1.1
@@ -87,7 +92,7 @@ def test_shapes_and_value_ranges_of_the_default_world():
     bound = toy.SHAPE_GAIN * toy.colour_table(4).abs().max()
     assert latents.abs().max() <= bound + 1e-5
     assert set(prompts) == {toy.prompt_for(c, s, m) for c in toy.COLOURS for s in toy.SHAPES
-                            for m in toy.MOTIONS}
+                            for m in cfg.motions}
 
 
 def test_other_sizes_render():
@@ -99,7 +104,7 @@ def test_other_sizes_render():
 @pytest.mark.parametrize("motion, axis, sign", [("left", 0, -1), ("right", 0, 1), ("up", 1, -1),
                                                 ("down", 1, 1), ("still", None, 0)])
 def test_shape_moves_the_way_the_prompt_says(motion, axis, sign):
-    cfg = ToyWorldConfig()
+    cfg = TOY16  # the prompt sets the motion, whichever motions the world draws from
     for sample_id in range(12):
         shape = toy.SHAPES[sample_id % 4]
         prompt = f"green {shape} " + ("standing still" if motion == "still" else f"moving {motion}")
@@ -116,14 +121,14 @@ def test_shape_moves_the_way_the_prompt_says(motion, axis, sign):
 
 def test_travel_sets_the_distance_moved():
     for travel in (0.2, 0.6):
-        clip, _ = toy.render_video(ToyWorldConfig(travel=travel), 5, prompt="red circle moving down")
+        clip, _ = toy.render_video(dataclasses.replace(TOY16, travel=travel), 5, prompt="red circle moving down")
         moved = wrapped(centre_of_mass(clip).diff(dim=0), 16)[:, 1].sum() / 16
         assert 0.8 * travel - 0.01 < moved < 1.2 * travel + 0.01
 
 
 def test_motions_restricts_the_draw_and_keeps_every_other_attribute():
     ids = np.arange(600)
-    every = toy._clip_params(ToyWorldConfig(), ids)
+    every = toy._clip_params(ToyWorldConfig(motions=list(toy.MOTIONS)), ids)
     some = toy._clip_params(ToyWorldConfig(motions=["right", "down", "still"]), ids)
     kept = [toy.MOTIONS.index(m) for m in ("right", "down", "still")]
     counts = np.bincount(some["motion"], minlength=len(toy.MOTIONS))
@@ -136,11 +141,11 @@ def test_motions_restricts_the_draw_and_keeps_every_other_attribute():
 
 def test_bar_length_changes_the_bars_alone():
     ids = np.arange(200)
-    base = ToyWorldConfig(frames=4, height=12, width=12)
-    short = dataclasses.replace(base, bar_length=1.2)
+    base = ToyWorldConfig(bar_length=1.6)  # the bars of a world without the key
+    short = ToyWorldConfig()
     a, prompts = toy.render_videos(base, ids)
     b, _ = toy.render_videos(short, ids)
-    assert torch.equal(a, toy.render_videos(dataclasses.replace(base, bar_length=1.6), ids)[0])  # the default
+    assert short.bar_length == 1.2  # the default
     bar = np.array([" bar " in p for p in prompts])
     assert bar.any() and torch.equal(a[~bar], b[~bar])
     # a bar's lit width along x shrinks by 1.2 / 1.6 (soft edges: within a pixel), its height does not
@@ -150,7 +155,7 @@ def test_bar_length_changes_the_bars_alone():
 
 
 def test_positions_are_uniform_and_shapes_wrap_around_the_border():
-    cfg = ToyWorldConfig()
+    cfg = TOY16
     latents, _ = toy.render_videos(cfg, np.arange(cfg.num_train))
     # translation invariance: every pixel is lit about equally often over the world
     lit = (latents.abs().sum(2) > 1e-3).double().mean((0, 1))  # (H, W)
@@ -303,7 +308,7 @@ def test_default_dataset_builds_in_a_few_seconds(tmp_path):
     seconds = time.perf_counter() - start
     summary = schema.validate_dataset(folder)
     assert summary["splits"]["train"]["rows"] == 2048 and summary["splits"]["heldout"]["rows"] == 256
-    assert summary["latent_shape"] == [8, 4, 16, 16] and summary["embed_shape"] == [8, 32]
+    assert summary["latent_shape"] == [4, 4, 12, 12] and summary["embed_shape"] == [8, 32]
     assert abs(summary["splits"]["train"]["latent_std"] - 1) < 0.1
     assert seconds < 15, f"default toy dataset took {seconds:.1f} s"
 
