@@ -1,5 +1,5 @@
 """The pretrained toy teachers that ship with the package (pipeline/teachers/toy8 for the default run,
-pipeline/teachers/toy for the toy16 world of `--config toy-far`): each is made for its run's toy world and schema, the run
+pipeline/teachers/toy for the toy16 world of `--config toy16`): each is made for its run's toy world and schema, the run
 starts from it, it gets better with sampling steps, and a stale or mismatched teacher is refused with
 the command that rebuilds it."""
 
@@ -24,7 +24,7 @@ from pipeline.guard import InputError
 from pipeline.stages import preflight
 
 SHIPPED = teachers.SHIPPED["toy8"]
-RUNS = {"toy8": None, "toy": "toy-far"}
+RUNS = {"toy8": None, "toy": "toy16"}
 """model.size of each shipped teacher -> the preset of the run it is made for (None: the default run)"""
 
 
@@ -53,8 +53,8 @@ def test_the_default_run_starts_from_the_shipped_teacher():
     cfg = load_config(None, [])
     assert cfg.model.teacher_path == teachers.AUTO
     assert teachers.teacher_path(cfg.model.size, cfg.model.teacher_path, cfg.data.path) == SHIPPED
-    far = load_config("toy-far", [])
-    assert teachers.teacher_path(far.model.size, far.model.teacher_path, "") == teachers.SHIPPED["toy"]
+    old = load_config("toy16", [])
+    assert teachers.teacher_path(old.model.size, old.model.teacher_path, "") == teachers.SHIPPED["toy"]
     assert teachers.teacher_path("toy", "", "") is None  # training it is one flag away
     assert teachers.teacher_path("tiny", teachers.AUTO, "") is None  # no teacher ships for the tiny model
     assert teachers.teacher_path("toy", teachers.AUTO, "/my/latents") is None  # nor for other data

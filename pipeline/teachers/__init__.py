@@ -10,8 +10,8 @@ package, with its recipe beside it:
     toy8/eval.json, toy8/eval.png                                  its quality against sampling steps
     toy8/teacher.json                                              the stamp: world version, schema, world config
 
-`toy/` is the same for the toy16 world (`data.toy` = `TOY16`, model.size toy: the causal `toy-far`
-preset; rebuilt with `--config toy16-teacher`). `model.teacher_path=auto` (the default) resolves to the
+`toy/` is the same for the toy16 world (`data.toy` = `TOY16`, model.size toy: `--config toy16`, the
+default run until 2026-12-08; rebuilt with `--config toy16-teacher`). `model.teacher_path=auto` (the default) resolves to the
 folder of the run's model.size (`SHIPPED`) when the data is the toy world; a teacher made for another
 world (older `TOY_WORLD_VERSION`, other world settings) is refused with an error that names the command
 rebuilding it (`rebuild_command`).
@@ -36,7 +36,7 @@ AUTO = "auto"
 """model.teacher_path value that picks the shipped teacher for the toy model and world"""
 SHIPPED = {"toy": Path(__file__).parent / "toy", "toy8": Path(__file__).parent / "toy8"}
 """model.size -> the folder of the teacher shipped for it (toy8: the default world; toy: the toy16 world of
-`--config toy-far`)"""
+`--config toy16`)"""
 STAMP = "teacher.json"
 """the file in a teacher folder that says which world and schema it was made for"""
 WORLD_FIELDS = ("frames", "channels", "height", "width", "travel", "motions", "bar_length", "embed_len", "embed_dim",
