@@ -98,8 +98,9 @@ class ModelConfig:
     """architecture preset: tiny, toy, toy8 (the default: the toy model with 2x2 patches), wan2.1-1.3b, wan2.1-14b"""
     teacher_path: str = "auto"
     """diffusers folder of a WanTransformer3DModel teacher (stage 0 is then skipped); "auto": the pretrained toy
-    teacher shipped with the package (pipeline/teachers/toy) when model.size is toy and the data is the toy world,
-    which must be the world it was made for; empty, or "auto" with another model or data: stage 0 trains one"""
+    teacher shipped with the package for model.size (toy8: pipeline/teachers/toy8, the default world's; toy:
+    pipeline/teachers/toy, the toy16 world's) when the data is the toy world, which must be the world it was made
+    for; empty, or "auto" with another model or data: stage 0 trains one"""
     shift: float = 3.0
     """timestep shift k applied to every sampled or gridded noise level (Wan uses 5)"""
     init_seed: int = 0

@@ -132,3 +132,11 @@ def test_a_run_whose_world_differs_from_the_shipped_teachers_stops_before_any_wo
     assert not cfg.run_dir.exists()
     other_sample = dataclasses.replace(toy.ToyWorldConfig(), num_train=32, num_heldout=8, seed=3, shard_rows=8)
     teachers.check_stamp(SHIPPED, other_sample, "toy8")  # split sizes and seed are not part of the world
+
+
+@pytest.mark.parametrize("preset", ["toy16", "toy16-teacher"])
+def test_the_toy16_presets_write_out_the_toy16_world(preset):
+    """toy.TOY16 and the two presets' data.toy blocks are three copies of one world: they must not drift apart."""
+    world = load_config(preset, []).data.toy
+    assert world == dataclasses.replace(toy.ToyWorldConfig(**toy.TOY16), num_train=world.num_train)
+    assert load_config(preset, []).model.size == "toy"

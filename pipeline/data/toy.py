@@ -156,9 +156,9 @@ class ToyWorldConfig:
 # --------------------------------------------------------------------------- vocabulary and prompts
 
 
-TOY16 = {"frames": 8, "height": 16, "width": 16, "motions": list(MOTIONS), "bar_length": 1.6}
+TOY16 = {"frames": 8, "height": 16, "width": 16, "motions": MOTIONS, "bar_length": 1.6}
 """ToyWorldConfig fields of the toy16 world, the default until 2026-12-08: 8 frames of 16x16, all five motions,
-bars of 1.6 r. The `toy` shipped teacher and the causal `toy-far` preset are made for it."""
+bars of 1.6 r (`ToyWorldConfig(**TOY16)`). The `toy` shipped teacher and `--config toy16` are made for it."""
 
 
 def prompt_for(colour: str, shape: str, motion: str) -> str:
