@@ -281,39 +281,36 @@ def heldout_clips(n: int = 256, cfg: ToyWorldConfig = CFG) -> tuple[torch.Tensor
     return toy.render_videos(cfg, toy.split_ids(cfg, "heldout")[:n])
 
 
-def test_motion_error_is_zero_on_the_data_and_one_on_clips_whose_motion_is_wrong():
-    x, prompts = heldout_clips()
-    motions = evaluate.prompt_motions(prompts)
-    moving = torch.tensor([m != "still" for m in motions])
+def _motion_error_is_zero_on_the_data_and_one_when_wrong(x: torch.Tensor, prompts: list[str]):
+    """The checks both worlds share; returns which clips move, and those clips with their prompts."""
+    moving = torch.tensor([m != "still" for m in evaluate.prompt_motions(prompts)])
     length = evaluate.clip_displacement(x).norm(dim=1)
     # the threshold sits far from the data on both sides: still clips measure 0, moving ones >= 0.8 travel
     assert length[~moving].max() < 1e-9 and length[moving].min() > 3 * evaluate.MOTION_THRESHOLD
     assert evaluate.motion_error(evaluate.video_features(x), prompts) == 0.0
-
     mv, mv_prompts = x[moving], [p for p, m in zip(prompts, moving) if m]
-    reversed_, frozen = mv.flip(1), mv[:, :1].expand_as(mv)
     turned = mv.transpose(-2, -1)  # x and y swapped: left becomes up, right becomes down
-    for name, clips in (("reversed", reversed_), ("frozen", frozen), ("turned", turned)):
+    for name, clips in (("reversed", mv.flip(1)), ("frozen", mv[:, :1].expand_as(mv)), ("turned", turned)):
         assert evaluate.motion_error(evaluate.video_features(clips), mv_prompts) == 1.0, name
+    return moving, mv, mv_prompts
+
+
+def test_motion_error_is_zero_on_the_data_and_one_on_clips_whose_motion_is_wrong():
+    x, prompts = heldout_clips()
+    moving, mv, mv_prompts = _motion_error_is_zero_on_the_data_and_one_when_wrong(x, prompts)
     still, still_prompts = x[~moving], [p for p, m in zip(prompts, moving) if not m]
     drifting = torch.stack([frame.roll(f // 2, dims=-1) for frame, f in zip(still.unbind(1), range(8))], 1)
     assert evaluate.motion_error(evaluate.video_features(drifting), still_prompts) == 1.0  # 3.5 px over the clip
     half = len(mv) // 2
-    mixed = torch.cat([mv[:half], reversed_[half:]])
+    mixed = torch.cat([mv[:half], mv[half:].flip(1)])
     assert evaluate.motion_error(evaluate.video_features(mixed), mv_prompts) == pytest.approx(1 - half / len(mv))
 
 
 def test_motion_error_is_zero_on_the_default_worlds_data_and_one_when_its_motion_is_wrong():
     """The default world (4 frames of 12x12; right, down, still): few frames, a small torus."""
     x, prompts = heldout_clips(cfg=ToyWorldConfig())
-    moving = torch.tensor([m != "still" for m in evaluate.prompt_motions(prompts)])
+    moving, _, _ = _motion_error_is_zero_on_the_data_and_one_when_wrong(x, prompts)
     assert 0.5 < moving.float().mean() < 0.85
-    length = evaluate.clip_displacement(x).norm(dim=1)
-    assert length[~moving].max() < 1e-9 and length[moving].min() > 3 * evaluate.MOTION_THRESHOLD
-    assert evaluate.motion_error(evaluate.video_features(x), prompts) == 0.0
-    mv, mv_prompts = x[moving], [p for p, m in zip(prompts, moving) if m]
-    for name, clips in (("reversed", mv.flip(1)), ("frozen", mv[:, :1].expand_as(mv)), ("turned", mv.transpose(-2, -1))):
-        assert evaluate.motion_error(evaluate.video_features(clips), mv_prompts) == 1.0, name
 
 
 def test_motion_error_ignores_the_batch_and_is_none_outside_the_toy_world():
